@@ -1,0 +1,276 @@
+//! The consumer step in the one safe order: inbox + effect in one transaction
+//! → commit → CONFIRM (broker-confirmed) → ack. Deliveries are taken in
+//! micro-batches: one transaction and one CONFIRM for many messages, acked
+//! with `multiple`, because a transaction per message caps a consumer at a few
+//! thousand messages per second.
+
+use std::{future::Future, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use sqlx::{AnyConnection, AnyPool};
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Confirmer, Inbox, Publisher, Result, Topology,
+    hook::BoxError,
+    message::{BusinessHeaders, Confirm, Outcome, now_ms},
+    parking::park,
+};
+
+/// A business message as the effect sees it.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    pub headers: &'a BusinessHeaders,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub redelivered: bool,
+}
+
+/// How the effect ended for a message seen for the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Processed,
+    /// Refused for business reasons: confirmed as `rejected`, never resent.
+    Rejected(String),
+}
+
+/// A transient failure: the batch's transaction rolls back and the message is
+/// redelivered (parked by the queue's delivery limit if it keeps failing).
+#[derive(Debug)]
+pub struct Transient(pub BoxError);
+
+impl<E: Into<BoxError>> From<E> for Transient {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+impl std::fmt::Display for Transient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The consumer's business effect, applied inside the inbox transaction.
+pub trait Effect: Send + Sync + 'static {
+    fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        msg: &Incoming<'_>,
+    ) -> impl Future<Output = Result<Applied, Transient>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The consumer's name in CONFIRMs and in the inbox key (`points`).
+    pub consumer: String,
+    /// The queue it reads (declared with `Topology::declare_consumer_queue`).
+    pub queue: String,
+    pub prefetch: u16,
+    /// Most deliveries handled in one transaction.
+    pub batch_size: usize,
+    /// How long to wait for more deliveries before handling a partial batch.
+    pub batch_linger: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(consumer: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            consumer: consumer.into(),
+            queue: queue.into(),
+            prefetch: 256,
+            batch_size: 128,
+            batch_linger: Duration::from_millis(5),
+        }
+    }
+}
+
+/// What one batch did, for counters and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReport {
+    pub processed: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+    pub parked: usize,
+    /// Transient effect failures, nacked for redelivery.
+    pub retried: usize,
+}
+
+impl std::ops::AddAssign for BatchReport {
+    fn add_assign(&mut self, o: Self) {
+        self.processed += o.processed;
+        self.duplicates += o.duplicates;
+        self.rejected += o.rejected;
+        self.parked += o.parked;
+        self.retried += o.retried;
+    }
+}
+
+pub struct ConsumerLoop<E> {
+    pool: AnyPool,
+    inbox: Inbox,
+    confirmer: Confirmer,
+    publisher: Publisher,
+    topology: Topology,
+    effect: E,
+    config: ConsumerConfig,
+}
+
+impl<E: Effect> ConsumerLoop<E> {
+    pub fn new(
+        pool: AnyPool,
+        publisher: Publisher,
+        topology: Topology,
+        confirmer: Confirmer,
+        effect: E,
+        config: ConsumerConfig,
+    ) -> Self {
+        let inbox = Inbox::new(config.consumer.clone());
+        Self { pool, inbox, confirmer, publisher, topology, effect, config }
+    }
+
+    /// Consumes until `shutdown`; the batch in hand is finished first.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<BatchReport> {
+        let channel = self.publisher.connection().create_channel().await?;
+        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await?;
+        let mut deliveries = channel
+            .basic_consume(
+                self.config.queue.as_str().into(),
+                format!("{}-{}", self.config.consumer, uuid::Uuid::now_v7()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut total = BatchReport::default();
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = deliveries.next() => next,
+            };
+            let first = match next {
+                None => break,
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    recover(&channel, e).await?;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            let deadline = Instant::now() + self.config.batch_linger;
+            while batch.len() < self.config.batch_size {
+                match timeout_at(deadline, deliveries.next()).await {
+                    Ok(Some(Ok(d))) => batch.push(d),
+                    // An error here is seen again by the next `next()` after this batch.
+                    _ => break,
+                }
+            }
+            match self.handle_batch(batch).await {
+                Ok(report) => total += report,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.config.consumer, error = %e, "batch failed; redelivering")
+                }
+            }
+        }
+        let _ = channel.close(200, "shutdown".into()).await;
+        Ok(total)
+    }
+
+    /// Handles one micro-batch of deliveries from one channel, in tag order.
+    /// On error every delivery not yet settled is nacked for redelivery.
+    #[tracing::instrument(skip_all, fields(consumer = %self.config.consumer, n = deliveries.len()))]
+    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Result<BatchReport> {
+        let mut report = BatchReport::default();
+        let mut pending = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            match BusinessHeaders::from_properties(&d.properties) {
+                Ok(h) => pending.push((d, h)),
+                Err(e) => {
+                    park(&self.publisher, &self.topology, &self.config.queue, &d, &e.to_string()).await?;
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                    report.parked += 1;
+                }
+            }
+        }
+        let settled = match self.commit(&mut pending, &mut report).await {
+            Ok(confirms) => self.confirmer.confirm_all(confirms).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = settled {
+            for (d, _) in &pending {
+                let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            }
+            return Err(e);
+        }
+        if let Some((last, _)) = pending.iter().max_by_key(|(d, _)| d.delivery_tag) {
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(report)
+    }
+
+    /// One transaction for the batch; a transient effect failure rolls it back,
+    /// nacks that one message and retries the rest without it.
+    async fn commit(
+        &self,
+        pending: &mut Vec<(Delivery, BusinessHeaders)>,
+        report: &mut BatchReport,
+    ) -> Result<Vec<Confirm>> {
+        'batch: loop {
+            let mut tx = self.pool.begin().await?;
+            let mut confirms = Vec::with_capacity(pending.len());
+            let mut counts = BatchReport::default();
+            for (i, (d, h)) in pending.iter().enumerate() {
+                let (outcome, detail) = if self.inbox.claim(&mut tx, h.message_id).await? {
+                    let incoming = Incoming {
+                        headers: h,
+                        routing_key: d.routing_key.as_str(),
+                        body: &d.data,
+                        redelivered: d.redelivered,
+                    };
+                    match self.effect.apply(&mut tx, &incoming).await {
+                        Ok(Applied::Processed) => {
+                            counts.processed += 1;
+                            (Outcome::Processed, None)
+                        }
+                        Ok(Applied::Rejected(reason)) => {
+                            self.inbox.mark_rejected(&mut tx, h.message_id, &reason).await?;
+                            counts.rejected += 1;
+                            (Outcome::Rejected, Some(reason))
+                        }
+                        Err(e) => {
+                            drop(tx);
+                            tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering");
+                            let (d, _) = pending.remove(i);
+                            d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
+                            report.retried += 1;
+                            continue 'batch;
+                        }
+                    }
+                } else {
+                    counts.duplicates += 1;
+                    match self.inbox.prior(&mut tx, h.message_id).await? {
+                        Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
+                        _ => (Outcome::Duplicate, None),
+                    }
+                };
+                confirms.push(Confirm { message_id: h.message_id, outcome, detail, processed_at: now_ms() });
+            }
+            tx.commit().await?;
+            *report += counts;
+            return Ok(confirms);
+        }
+    }
+}
+
+/// Waits for lapin's auto-recover after a consumer error.
+async fn recover(channel: &Channel, e: lapin::Error) -> Result<()> {
+    tracing::warn!(error = %e, "consumer interrupted; waiting for recovery");
+    channel.wait_for_recovery(e).await?;
+    Ok(())
+}

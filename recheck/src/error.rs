@@ -1,0 +1,29 @@
+//! The SDK's one error type. Callers decide ack / nack / park from its variant.
+
+use std::sync::Arc;
+
+/// Everything an SDK call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker did not confirm within {0:?}")]
+    ConfirmTimeout(std::time::Duration),
+    #[error("broker refused the message (nack) on exchange {exchange:?}")]
+    Nacked { exchange: String },
+    #[error("unroutable: no queue bound for exchange {exchange:?}, routing key {routing_key:?}")]
+    Unroutable { exchange: String, routing_key: String },
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("malformed message: {0}")]
+    Decode(#[from] crate::message::DecodeError),
+    #[error("encode: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the SDK is shutting down")]
+    Closed,
+    /// One failure shared by every caller of a group-committed batch.
+    #[error("{0}")]
+    Batch(Arc<Error>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,104 @@
+//! Serving `recheck.v1.ResendHook`: the producer implements [`ResendSource`]
+//! (message id → payload); the SDK republishes and answers with a typed outcome.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use recheck_proto::v1::{
+    ResendOutcome, ResendRequest, ResendResponse,
+    resend_hook_server::{ResendHook, ResendHookServer},
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{Producer, message::now_ms};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the producer's store knows of a message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Committed: this is the payload to publish again.
+    Found(Vec<u8>),
+    /// No committed record (yet, or ever: the grace period decides).
+    NotCommitted,
+}
+
+/// The one lookup a producer team writes.
+pub trait ResendSource: Send + Sync + 'static {
+    fn load(
+        &self,
+        message_id: Uuid,
+        business_key: &str,
+    ) -> impl Future<Output = Result<Lookup, BoxError>> + Send;
+}
+
+/// The gRPC service; wrap with [`ResendHookService::into_server`].
+pub struct ResendHookService<S> {
+    source: Arc<S>,
+    producer: Producer,
+    /// A missing record younger than this may still be committing: retry later.
+    grace: Duration,
+}
+
+impl<S: ResendSource> ResendHookService<S> {
+    pub fn new(source: Arc<S>, producer: Producer, grace: Duration) -> Self {
+        Self { source, producer, grace }
+    }
+
+    pub fn into_server(self) -> ResendHookServer<Self> {
+        ResendHookServer::new(self)
+    }
+
+    /// The decision, callable without gRPC.
+    pub async fn handle(&self, req: &ResendRequest) -> Result<(ResendOutcome, String), Status> {
+        let message_id = Uuid::parse_str(&req.message_id).map_err(|_| {
+            Status::invalid_argument(format!("message_id {:?} is not a UUID", req.message_id))
+        })?;
+        if req.producer != self.producer.name() {
+            return Err(Status::invalid_argument(format!(
+                "this hook serves producer {:?}, not {:?}",
+                self.producer.name(),
+                req.producer
+            )));
+        }
+        let payload = match self.source.load(message_id, &req.business_key).await {
+            Ok(Lookup::Found(payload)) => payload,
+            Ok(Lookup::NotCommitted) => return Ok(self.not_committed(message_id, req.published_at)),
+            Err(e) => return Ok((ResendOutcome::RetryLater, format!("lookup failed: {e}"))),
+        };
+        match self
+            .producer
+            .publish_business(message_id, &req.routing_key, &req.business_key, &payload, req.attempt)
+            .await
+        {
+            Ok(()) => Ok((ResendOutcome::Resent, String::new())),
+            Err(e) => Ok((ResendOutcome::RetryLater, format!("republish failed: {e}"))),
+        }
+    }
+
+    fn not_committed(&self, message_id: Uuid, published_at: i64) -> (ResendOutcome, String) {
+        // Fall back to the UUIDv7 timestamp if the caller did not send one.
+        let born = if published_at > 0 { published_at } else { uuid_ms(message_id).unwrap_or(0) };
+        let age = Duration::from_millis(u64::try_from(now_ms() - born).unwrap_or(0));
+        if age < self.grace {
+            (ResendOutcome::RetryLater, format!("not committed yet ({age:?} old, grace {:?})", self.grace))
+        } else {
+            (ResendOutcome::NotFound, format!("not committed after {age:?}"))
+        }
+    }
+}
+
+fn uuid_ms(id: Uuid) -> Option<i64> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    i64::try_from(secs).ok().map(|s| s * 1000 + i64::from(nanos / 1_000_000))
+}
+
+#[tonic::async_trait]
+impl<S: ResendSource> ResendHook for ResendHookService<S> {
+    #[tracing::instrument(skip_all, fields(message_id = %request.get_ref().message_id, attempt = request.get_ref().attempt))]
+    async fn resend(&self, request: Request<ResendRequest>) -> Result<Response<ResendResponse>, Status> {
+        let (outcome, reason) = self.handle(request.get_ref()).await?;
+        tracing::info!(outcome = outcome.as_str_name(), %reason, "resend");
+        Ok(Response::new(ResendResponse { outcome: outcome.into(), reason }))
+    }
+}

@@ -1,0 +1,114 @@
+//! At-most-once processing on the consumer: one row per `(consumer, message_id)`
+//! written in the caller's transaction, so the effect and the "seen" mark
+//! commit together or not at all.
+
+use std::time::Duration;
+
+use sqlx::{AnyConnection, AnyPool};
+use uuid::Uuid;
+
+use crate::{
+    Result,
+    message::{Outcome, now_ms},
+};
+
+/// The table, the same SQL for SQLite and PostgreSQL. Run by [`Inbox::migrate`],
+/// or copy it into the service's own migrations.
+pub const INBOX_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS recheck_inbox (
+        consumer TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT,
+        processed_at BIGINT NOT NULL,
+        PRIMARY KEY (consumer, message_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS recheck_inbox_processed_at ON recheck_inbox (processed_at)",
+];
+
+/// What the inbox remembers of a message processed before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prior {
+    pub outcome: Outcome,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    consumer: String,
+}
+
+impl Inbox {
+    pub fn new(consumer: impl Into<String>) -> Self {
+        Self { consumer: consumer.into() }
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    pub async fn migrate(pool: &AnyPool) -> Result<()> {
+        for statement in INBOX_SCHEMA {
+            sqlx::query(*statement).execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Claims the message inside `tx`. `true`: first time, apply the effect.
+    /// `false`: already processed (or being processed by a transaction that
+    /// committed first: the unique key makes the second one wait, then lose).
+    pub async fn claim(&self, tx: &mut AnyConnection, message_id: Uuid) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO recheck_inbox (consumer, message_id, outcome, processed_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.consumer)
+        .bind(message_id.to_string())
+        .bind(Outcome::Processed.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a business rejection for a claimed message, so a redelivery
+    /// re-confirms `rejected` rather than `duplicate`.
+    pub async fn mark_rejected(&self, tx: &mut AnyConnection, message_id: Uuid, detail: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE recheck_inbox SET outcome = $1, detail = $2 WHERE consumer = $3 AND message_id = $4",
+        )
+        .bind(Outcome::Rejected.as_str())
+        .bind(detail)
+        .bind(&self.consumer)
+        .bind(message_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// How an already-claimed message ended.
+    pub async fn prior(&self, tx: &mut AnyConnection, message_id: Uuid) -> Result<Option<Prior>> {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT outcome, detail FROM recheck_inbox WHERE consumer = $1 AND message_id = $2",
+        )
+        .bind(&self.consumer)
+        .bind(message_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok(row.map(|(outcome, detail)| Prior {
+            outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Processed),
+            detail,
+        }))
+    }
+
+    /// Deletes rows older than `retention`; returns how many.
+    pub async fn purge(&self, pool: &AnyPool, retention: Duration) -> Result<u64> {
+        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let done = sqlx::query("DELETE FROM recheck_inbox WHERE consumer = $1 AND processed_at < $2")
+            .bind(&self.consumer)
+            .bind(cutoff)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,36 @@
+//! Recheck SDK: reliable "publish after commit" with a delayed second check.
+//!
+//! A producer links it to publish the CHECK first, commit, then publish the
+//! business message, and to serve the resend hook. A consumer links it to
+//! process each message once and confirm it. See DESIGN.md for the contract.
+//!
+//! - [`topology`]: every exchange and queue, declared by one function.
+//! - [`message`]: wire format v1 (CHECK / CONFIRM batches, headers), typed decode errors.
+//! - [`publisher`]: broker-confirmed publishing that republishes across reconnects.
+//! - [`group_commit`]: many callers, one broker message, one confirm wait.
+//! - [`producer`]: `prepare` → commit → `publish`; also the seed order.
+//! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
+//! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
+//! - [`parking`]: poison messages go to parking with a reason.
+
+pub mod confirmer;
+pub mod consume;
+mod error;
+pub mod group_commit;
+pub mod hook;
+pub mod inbox;
+pub mod message;
+pub mod parking;
+pub mod producer;
+pub mod publisher;
+pub mod topology;
+
+pub use confirmer::Confirmer;
+pub use consume::{Applied, ConsumerConfig, ConsumerLoop, Effect, Incoming, Transient};
+pub use error::{Error, Result};
+pub use group_commit::{GroupCommit, GroupCommitConfig};
+pub use hook::{Lookup, ResendHookService, ResendSource};
+pub use inbox::Inbox;
+pub use producer::{Event, Prepared, Producer, ProducerConfig};
+pub use publisher::{Outgoing, Publisher, PublisherConfig};
+pub use topology::Topology;

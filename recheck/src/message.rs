@@ -1,0 +1,325 @@
+//! Wire format v1 (DESIGN.md): CHECK and CONFIRM batches, business headers,
+//! and decoding that turns any malformed input into a typed [`DecodeError`].
+
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The only wire version this code writes and accepts.
+pub const VERSION: u32 = 1;
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Business message headers.
+pub const HEADER_PRODUCER: &str = "x-recheck-producer";
+pub const HEADER_BUSINESS_KEY: &str = "x-recheck-business-key";
+pub const HEADER_ATTEMPT: &str = "x-recheck-attempt";
+/// Parking headers: why a message was parked and where it came from.
+pub const HEADER_PARK_REASON: &str = "x-recheck-park-reason";
+pub const HEADER_PARK_SOURCE: &str = "x-recheck-park-source";
+
+/// One delayed second-check of one business message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub message_id: Uuid,
+    pub routing_key: String,
+    pub business_key: String,
+    /// 0 = check of the original, n = check following the n-th resend.
+    pub attempt: u32,
+    /// ms since the Unix epoch, when the producer prepared the message.
+    pub published_at: i64,
+    /// Consumers that must confirm; `None` = any one confirm suffices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Vec<String>>,
+}
+
+/// A CHECK message: many checks of one producer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckBatch {
+    pub v: u32,
+    pub producer: String,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Processed,
+    Duplicate,
+    /// The consumer refuses the message for business reasons: stop resending.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "processed" => Some(Outcome::Processed),
+            "duplicate" => Some(Outcome::Duplicate),
+            "rejected" => Some(Outcome::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// One consumer's confirmation of one business message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirm {
+    pub message_id: Uuid,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// ms since the Unix epoch.
+    pub processed_at: i64,
+}
+
+/// A CONFIRM message: many confirms of one consumer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmBatch {
+    pub v: u32,
+    pub consumer: String,
+    pub confirms: Vec<Confirm>,
+}
+
+/// Bounds on what a decoder accepts, so one hostile message costs little.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_ids: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 1 << 20, max_ids: 5_000 }
+    }
+}
+
+/// Why a message could not be decoded; the text goes into the parking reason header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty body")]
+    Empty,
+    #[error("body of {0} bytes exceeds the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("content type {0:?} is not application/json")]
+    ContentType(String),
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("unsupported version {0:?} (this build reads v1)")]
+    Version(Option<u64>),
+    #[error("{0} ids exceed the limit of {1}")]
+    TooManyIds(usize, usize),
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error("message id {0} appears twice in one batch")]
+    DuplicateId(Uuid),
+    #[error("missing or empty field {0}")]
+    Missing(&'static str),
+    #[error("message id {0:?} is not a UUID")]
+    InvalidId(String),
+    #[error("header {0} is invalid: {1}")]
+    Header(&'static str, String),
+}
+
+/// What a decoder needs to know of a delivery besides its body.
+fn check_envelope(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<(), DecodeError> {
+    if body.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if body.len() > limits.max_body_bytes {
+        return Err(DecodeError::TooLarge(body.len(), limits.max_body_bytes));
+    }
+    match content_type {
+        None => Ok(()),
+        Some(ct) if ct.split(';').next().map(str::trim) == Some(CONTENT_TYPE_JSON) => Ok(()),
+        Some(ct) => Err(DecodeError::ContentType(ct.to_owned())),
+    }
+}
+
+/// Reads `v` first so a future version is reported as such, not as a shape error.
+fn check_version(body: &[u8]) -> Result<(), DecodeError> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: Option<serde_json::Value>,
+    }
+    let versioned: Versioned = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+    match versioned.v.as_ref().and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => Ok(()),
+        other => Err(DecodeError::Version(other)),
+    }
+}
+
+fn check_ids<'a>(ids: impl ExactSizeIterator<Item = &'a Uuid>, limits: Limits) -> Result<(), DecodeError> {
+    let n = ids.len();
+    if n == 0 {
+        return Err(DecodeError::EmptyBatch);
+    }
+    if n > limits.max_ids {
+        return Err(DecodeError::TooManyIds(n, limits.max_ids));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    for id in ids {
+        if !seen.insert(*id) {
+            return Err(DecodeError::DuplicateId(*id));
+        }
+    }
+    Ok(())
+}
+
+impl CheckBatch {
+    pub fn new(producer: impl Into<String>, checks: Vec<Check>) -> Self {
+        Self { v: VERSION, producer: producer.into(), checks }
+    }
+
+    pub fn decode(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<Self, DecodeError> {
+        check_envelope(body, content_type, limits)?;
+        check_version(body)?;
+        let batch: Self = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+        if batch.producer.is_empty() {
+            return Err(DecodeError::Missing("producer"));
+        }
+        check_ids(batch.checks.iter().map(|c| &c.message_id), limits)?;
+        if batch.checks.iter().any(|c| c.routing_key.is_empty()) {
+            return Err(DecodeError::Missing("checks[].routing_key"));
+        }
+        Ok(batch)
+    }
+}
+
+impl ConfirmBatch {
+    pub fn new(consumer: impl Into<String>, confirms: Vec<Confirm>) -> Self {
+        Self { v: VERSION, consumer: consumer.into(), confirms }
+    }
+
+    pub fn decode(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<Self, DecodeError> {
+        check_envelope(body, content_type, limits)?;
+        check_version(body)?;
+        let batch: Self = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+        if batch.consumer.is_empty() {
+            return Err(DecodeError::Missing("consumer"));
+        }
+        check_ids(batch.confirms.iter().map(|c| &c.message_id), limits)?;
+        Ok(batch)
+    }
+}
+
+/// The Recheck identity of a business message, read from its AMQP properties.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusinessHeaders {
+    pub message_id: Uuid,
+    pub producer: String,
+    pub business_key: String,
+    pub attempt: u32,
+}
+
+impl BusinessHeaders {
+    pub fn to_properties(&self) -> lapin::BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_PRODUCER.into(), AMQPValue::LongString(self.producer.as_str().into()));
+        headers.insert(HEADER_BUSINESS_KEY.into(), AMQPValue::LongString(self.business_key.as_str().into()));
+        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.attempt)));
+        lapin::BasicProperties::default()
+            .with_message_id(ShortString::from(self.message_id.to_string()))
+            .with_headers(headers)
+    }
+
+    pub fn from_properties(props: &lapin::BasicProperties) -> Result<Self, DecodeError> {
+        let raw_id = props.message_id().as_ref().ok_or(DecodeError::Missing("message_id"))?;
+        let message_id =
+            Uuid::parse_str(raw_id.as_str()).map_err(|_| DecodeError::InvalidId(raw_id.to_string()))?;
+        let empty = FieldTable::default();
+        let headers = props.headers().as_ref().unwrap_or(&empty);
+        let producer =
+            header_string(headers, HEADER_PRODUCER)?.ok_or(DecodeError::Missing(HEADER_PRODUCER))?;
+        let business_key = header_string(headers, HEADER_BUSINESS_KEY)?.unwrap_or_default();
+        let attempt = match headers.inner().get(HEADER_ATTEMPT) {
+            None => 0,
+            Some(v) => header_u32(v).ok_or_else(|| DecodeError::Header(HEADER_ATTEMPT, format!("{v:?}")))?,
+        };
+        Ok(Self { message_id, producer, business_key, attempt })
+    }
+}
+
+/// A header's text, whichever AMQP string type the publisher used.
+pub fn header_string(headers: &FieldTable, name: &'static str) -> Result<Option<String>, DecodeError> {
+    match headers.inner().get(name) {
+        None => Ok(None),
+        Some(AMQPValue::LongString(s)) => String::from_utf8(s.as_bytes().to_vec())
+            .map(Some)
+            .map_err(|_| DecodeError::Header(name, "not UTF-8".into())),
+        Some(AMQPValue::ShortString(s)) => Ok(Some(s.as_str().to_owned())),
+        Some(other) => Err(DecodeError::Header(name, format!("{other:?}"))),
+    }
+}
+
+/// Publishers in other languages pick different integer widths; accept them all.
+fn header_u32(v: &AMQPValue) -> Option<u32> {
+    let n: i64 = match *v {
+        AMQPValue::ShortShortInt(n) => n.into(),
+        AMQPValue::ShortShortUInt(n) => n.into(),
+        AMQPValue::ShortInt(n) => n.into(),
+        AMQPValue::ShortUInt(n) => n.into(),
+        AMQPValue::LongInt(n) => n.into(),
+        AMQPValue::LongUInt(n) => n.into(),
+        AMQPValue::LongLongInt(n) => n,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+/// Milliseconds since the Unix epoch: the one clock unit on the wire and in stores.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(id: Uuid) -> Check {
+        Check {
+            message_id: id,
+            routing_key: "order.created".into(),
+            business_key: "o-1".into(),
+            attempt: 0,
+            published_at: 1,
+            expect: Some(vec!["points".into()]),
+        }
+    }
+
+    #[test]
+    fn check_batch_round_trips() {
+        let batch = CheckBatch::new("orders", vec![check(Uuid::now_v7()), check(Uuid::now_v7())]);
+        let body = serde_json::to_vec(&batch).unwrap();
+        let decoded = CheckBatch::decode(&body, Some(CONTENT_TYPE_JSON), Limits::default()).unwrap();
+        assert_eq!(decoded, batch);
+    }
+
+    #[test]
+    fn confirm_batch_round_trips_with_wire_names() {
+        let id = Uuid::now_v7();
+        let body = format!(
+            r#"{{"v":1,"consumer":"points","confirms":[{{"message_id":"{id}","outcome":"rejected","detail":"no such customer","processed_at":5}}]}}"#
+        );
+        let batch = ConfirmBatch::decode(body.as_bytes(), None, Limits::default()).unwrap();
+        assert_eq!(batch.confirms[0].outcome, Outcome::Rejected);
+        assert_eq!(batch.confirms[0].detail.as_deref(), Some("no such customer"));
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let h = BusinessHeaders {
+            message_id: Uuid::now_v7(),
+            producer: "orders".into(),
+            business_key: "o-9".into(),
+            attempt: 3,
+        };
+        assert_eq!(BusinessHeaders::from_properties(&h.to_properties()).unwrap(), h);
+    }
+}

@@ -1,0 +1,195 @@
+//! The producer's side: publish the CHECK first, commit, then publish the
+//! business message (`prepare` → commit → `Prepared::publish`).
+
+use std::{sync::Arc, time::Duration};
+
+use lapin::BasicProperties;
+use uuid::Uuid;
+
+use crate::{
+    GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
+    message::{BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, now_ms},
+};
+
+/// What a producer publishes after its business transaction.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Event type, the routing key on the events exchange (`order.created`).
+    pub routing_key: String,
+    /// The producer's own key for the record (an order id); handed back on resend.
+    pub business_key: String,
+    pub payload: Vec<u8>,
+    /// Consumers that must confirm; `None` = any one confirm suffices.
+    pub expect: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// The producer's name, as registered in the callback service.
+    pub name: String,
+    /// Delay before the first check (rounded up to a tier).
+    pub check_delay: Duration,
+    pub group_commit: GroupCommitConfig,
+}
+
+impl ProducerConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            check_delay: Duration::from_secs(30),
+            group_commit: GroupCommitConfig::default(),
+        }
+    }
+}
+
+/// Cheap to clone; all clones share one check batcher.
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProducerConfig,
+    publisher: Publisher,
+    topology: Topology,
+    checks: GroupCommit<Check>,
+}
+
+/// A message whose CHECK is durable; store [`Prepared::message_id`] with the
+/// business row, commit, then call [`Prepared::publish`].
+#[derive(Debug)]
+pub struct Prepared {
+    producer: Producer,
+    pub message_id: Uuid,
+    pub event: Event,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("config", &self.inner.config).finish()
+    }
+}
+
+impl Producer {
+    pub fn new(publisher: Publisher, topology: Topology, config: ProducerConfig) -> Self {
+        let (p, t, name, delay) =
+            (publisher.clone(), topology.clone(), config.name.clone(), config.check_delay);
+        let checks = GroupCommit::spawn(config.group_commit, move |checks| {
+            let (p, t, batch) = (p.clone(), t.clone(), CheckBatch::new(name.clone(), checks));
+            async move { publish_checks(&p, &t, &batch, delay).await }
+        });
+        Self { inner: Arc::new(Inner { config, publisher, topology, checks }) }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.inner.publisher
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Step 1 of the safe order: publishes (group-committed) the delayed CHECK.
+    #[tracing::instrument(skip_all, fields(producer = %self.name(), business_key = %event.business_key), err)]
+    pub async fn prepare(&self, event: Event) -> Result<Prepared> {
+        let message_id = Uuid::now_v7();
+        self.inner.checks.submit(self.check_for(message_id, &event)).await?;
+        Ok(Prepared { producer: self.clone(), message_id, event })
+    }
+
+    /// The seed order (business message, then check): loses the message if the
+    /// process dies in between. Kept for comparison and for producers without a
+    /// transaction to wrap.
+    pub async fn publish_with_check(&self, event: Event) -> Result<Uuid> {
+        let message_id = Uuid::now_v7();
+        self.publish_business(message_id, &event.routing_key, &event.business_key, &event.payload, 0).await?;
+        self.inner.checks.submit(self.check_for(message_id, &event)).await?;
+        Ok(message_id)
+    }
+
+    /// Publishes a business message with Recheck headers; `attempt` 0 is the
+    /// original, n the n-th resend. Waits for the broker's confirm.
+    pub async fn publish_business(
+        &self,
+        message_id: Uuid,
+        routing_key: &str,
+        business_key: &str,
+        payload: &[u8],
+        attempt: u32,
+    ) -> Result<()> {
+        let headers = BusinessHeaders {
+            message_id,
+            producer: self.name().to_owned(),
+            business_key: business_key.to_owned(),
+            attempt,
+        };
+        let exchange = self.inner.topology.events_exchange();
+        self.inner
+            .publisher
+            .publish(Outgoing {
+                exchange: &exchange,
+                routing_key,
+                body: payload,
+                properties: headers.to_properties().with_timestamp(now_secs()),
+            })
+            .await
+    }
+
+    fn check_for(&self, message_id: Uuid, event: &Event) -> Check {
+        Check {
+            message_id,
+            routing_key: event.routing_key.clone(),
+            business_key: event.business_key.clone(),
+            attempt: 0,
+            published_at: now_ms(),
+            expect: event.expect.clone(),
+        }
+    }
+}
+
+impl Prepared {
+    /// Step 3: publishes the business message after the caller committed. An
+    /// error here is safe to log and move on from: the CHECK drives a resend.
+    #[tracing::instrument(skip_all, fields(message_id = %self.message_id), err)]
+    pub async fn publish(self) -> Result<()> {
+        let e = &self.event;
+        self.producer.publish_business(self.message_id, &e.routing_key, &e.business_key, &e.payload, 0).await
+    }
+}
+
+/// Publishes one CHECK message into the delay tier for `delay`. Also used by
+/// the callback service to schedule the next check.
+pub async fn publish_checks(
+    publisher: &Publisher,
+    topology: &Topology,
+    batch: &CheckBatch,
+    delay: Duration,
+) -> Result<()> {
+    let body = serde_json::to_vec(batch)?;
+    let exchange = topology.delay_exchange();
+    let routing_key = topology.tier_routing_key(topology.tier_for(delay));
+    publisher
+        .publish(Outgoing {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            body: &body,
+            properties: json_properties(),
+        })
+        .await
+}
+
+/// Properties of a CHECK / CONFIRM message: JSON, its own batch id.
+pub(crate) fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE_JSON.into())
+        .with_message_id(Uuid::now_v7().to_string().into())
+        .with_timestamp(now_secs())
+}
+
+fn now_secs() -> u64 {
+    u64::try_from(now_ms() / 1000).unwrap_or_default()
+}
