@@ -3,9 +3,27 @@
 
 use crate::{
     GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
-    message::{Confirm, ConfirmBatch},
+    message::{Confirm, ConfirmBatch, Outcome},
     producer::json_properties,
 };
+
+/// A CONFIRM carries each id once (receivers refuse repeats): when a message and
+/// its duplicate land in one batch, the first real outcome wins over `duplicate`.
+fn one_per_id(confirms: Vec<Confirm>) -> Vec<Confirm> {
+    let mut out: Vec<Confirm> = Vec::with_capacity(confirms.len());
+    let mut index = std::collections::HashMap::with_capacity(confirms.len());
+    for c in confirms {
+        match index.get(&c.message_id) {
+            None => {
+                index.insert(c.message_id, out.len());
+                out.push(c);
+            }
+            Some(&i) if out[i].outcome == Outcome::Duplicate && c.outcome != Outcome::Duplicate => out[i] = c,
+            Some(_) => {}
+        }
+    }
+    out
+}
 
 pub struct Confirmer {
     consumer: String,
@@ -24,7 +42,7 @@ impl Confirmer {
         let exchange = topology.confirms_exchange();
         let batches = GroupCommit::spawn(config, move |confirms| {
             let (publisher, exchange) = (publisher.clone(), exchange.clone());
-            let body = serde_json::to_vec(&ConfirmBatch::new(name.clone(), confirms));
+            let body = serde_json::to_vec(&ConfirmBatch::new(name.clone(), one_per_id(confirms)));
             async move {
                 let body = body?;
                 publisher

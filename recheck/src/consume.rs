@@ -14,7 +14,7 @@ use lapin::{
     types::FieldTable,
 };
 use sqlx::{AnyConnection, AnyPool};
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -138,34 +138,48 @@ impl<E: Effect> ConsumerLoop<E> {
 
     /// Consumes until `shutdown`; the batch in hand is finished first.
     pub async fn run(self, shutdown: CancellationToken) -> Result<BatchReport> {
-        let channel = self.publisher.connection().create_channel().await?;
-        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await?;
-        let mut deliveries = channel
-            .basic_consume(
-                self.config.queue.as_str().into(),
-                format!("{}-{}", self.config.consumer, uuid::Uuid::now_v7()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut session = self.subscribe().await?;
         let mut total = BatchReport::default();
+        // When the channel was first seen down with no delivery or error to say so.
+        let mut down_since: Option<Instant> = None;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                next = deliveries.next() => next,
+                next = session.deliveries.next() => next,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    // lapin may never report a connection whose recovery stalled.
+                    if session.channel.status().connected() {
+                        down_since = None;
+                    } else if down_since.get_or_insert_with(Instant::now).elapsed() > self.recovery_timeout() {
+                        session = self.resubscribe(&shutdown).await?;
+                        down_since = None;
+                    }
+                    continue;
+                }
             };
             let first = match next {
-                None => break,
                 Some(Ok(d)) => d,
                 Some(Err(e)) => {
-                    recover(&channel, e).await?;
+                    tracing::warn!(consumer = %self.config.consumer, error = %e, "consumer interrupted");
+                    let recovered = matches!(
+                        timeout(self.recovery_timeout(), session.channel.wait_for_recovery(e)).await,
+                        Ok(Ok(()))
+                    );
+                    if !recovered {
+                        session = self.resubscribe(&shutdown).await?;
+                    }
+                    continue;
+                }
+                // The broker cancelled the consumer (queue deleted, node down): start over.
+                None => {
+                    session = self.resubscribe(&shutdown).await?;
                     continue;
                 }
             };
             let mut batch = vec![first];
             let deadline = Instant::now() + self.config.batch_linger;
             while batch.len() < self.config.batch_size {
-                match timeout_at(deadline, deliveries.next()).await {
+                match timeout_at(deadline, session.deliveries.next()).await {
                     Ok(Some(Ok(d))) => batch.push(d),
                     // An error here is seen again by the next `next()` after this batch.
                     _ => break,
@@ -178,8 +192,54 @@ impl<E: Effect> ConsumerLoop<E> {
                 }
             }
         }
-        let _ = channel.close(200, "shutdown".into()).await;
+        let _ = session.channel.close(200, "shutdown".into()).await;
         Ok(total)
+    }
+
+    fn recovery_timeout(&self) -> Duration {
+        self.publisher.config().recovery_timeout
+    }
+
+    async fn subscribe(&self) -> Result<Session> {
+        let channel = self.publisher.create_channel().await?;
+        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await?;
+        let deliveries = channel
+            .basic_consume(
+                self.config.queue.as_str().into(),
+                format!("{}-{}", self.config.consumer, uuid::Uuid::now_v7()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Session { channel, deliveries })
+    }
+
+    /// A new channel and consumer, on a new connection if the old one is gone;
+    /// retries until it works or `shutdown`.
+    async fn resubscribe(&self, shutdown: &CancellationToken) -> Result<Session> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let attempt = async {
+                self.publisher
+                    .ensure_connected(Instant::now() + self.publisher.config().publish_timeout)
+                    .await?;
+                self.subscribe().await
+            };
+            match attempt.await {
+                Ok(session) => {
+                    tracing::info!(consumer = %self.config.consumer, "consuming again");
+                    return Ok(session);
+                }
+                Err(e) => {
+                    tracing::warn!(consumer = %self.config.consumer, error = %e, ?backoff, "resubscribing")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(crate::Error::Closed),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Handles one micro-batch of deliveries from one channel, in tag order.
@@ -268,9 +328,8 @@ impl<E: Effect> ConsumerLoop<E> {
     }
 }
 
-/// Waits for lapin's auto-recover after a consumer error.
-async fn recover(channel: &Channel, e: lapin::Error) -> Result<()> {
-    tracing::warn!(error = %e, "consumer interrupted; waiting for recovery");
-    channel.wait_for_recovery(e).await?;
-    Ok(())
+/// A channel and the consumer on it.
+struct Session {
+    channel: Channel,
+    deliveries: lapin::Consumer,
 }

@@ -312,6 +312,98 @@ mod tests {
         assert_eq!(batch.confirms[0].detail.as_deref(), Some("no such customer"));
     }
 
+    /// Every malformed variant decodes to a typed error naming the problem.
+    #[test]
+    fn malformed_bodies_decode_to_errors() {
+        let id = Uuid::now_v7();
+        let good_check = format!(
+            r#"{{"message_id":"{id}","routing_key":"order.created","business_key":"o","attempt":0,"published_at":1}}"#
+        );
+        let many: Vec<String> =
+            (0..6000).map(|_| good_check.replace(&id.to_string(), &Uuid::now_v7().to_string())).collect();
+        let huge = format!(r#"{{"v":1,"producer":"{}","checks":[{good_check}]}}"#, "p".repeat(2 << 20));
+        let json = Some(CONTENT_TYPE_JSON);
+        type Case<'a> = (&'a str, String, Option<&'a str>, fn(&DecodeError) -> bool);
+        let cases: Vec<Case> = vec![
+            ("empty", String::new(), json, |e| matches!(e, DecodeError::Empty)),
+            ("not json", "{nope".into(), json, |e| matches!(e, DecodeError::Json(_))),
+            ("array", "[1,2]".into(), json, |e| matches!(e, DecodeError::Json(_))),
+            ("no version", format!(r#"{{"producer":"p","checks":[{good_check}]}}"#), json, |e| {
+                matches!(e, DecodeError::Version(None))
+            }),
+            ("v2", format!(r#"{{"v":2,"producer":"p","checks":[{good_check}]}}"#), json, |e| {
+                matches!(e, DecodeError::Version(Some(2)))
+            }),
+            ("v as string", format!(r#"{{"v":"1","producer":"p","checks":[{good_check}]}}"#), json, |e| {
+                matches!(e, DecodeError::Version(None))
+            }),
+            ("missing checks", r#"{"v":1,"producer":"p"}"#.into(), json, |e| {
+                matches!(e, DecodeError::Json(_))
+            }),
+            ("empty checks", r#"{"v":1,"producer":"p","checks":[]}"#.into(), json, |e| {
+                matches!(e, DecodeError::EmptyBatch)
+            }),
+            ("empty producer", format!(r#"{{"v":1,"producer":"","checks":[{good_check}]}}"#), json, |e| {
+                matches!(e, DecodeError::Missing("producer"))
+            }),
+            (
+                "bad uuid",
+                format!(
+                    r#"{{"v":1,"producer":"p","checks":[{}]}}"#,
+                    good_check.replace(&id.to_string(), "42")
+                ),
+                json,
+                |e| matches!(e, DecodeError::Json(_)),
+            ),
+            (
+                "duplicate id",
+                format!(r#"{{"v":1,"producer":"p","checks":[{good_check},{good_check}]}}"#),
+                json,
+                |e| matches!(e, DecodeError::DuplicateId(_)),
+            ),
+            (
+                "too many ids",
+                format!(r#"{{"v":1,"producer":"p","checks":[{}]}}"#, many.join(",")),
+                json,
+                |e| matches!(e, DecodeError::TooManyIds(6000, _)),
+            ),
+            ("huge", huge, json, |e| matches!(e, DecodeError::TooLarge(..))),
+            (
+                "content type",
+                format!(r#"{{"v":1,"producer":"p","checks":[{good_check}]}}"#),
+                Some("text/plain"),
+                |e| matches!(e, DecodeError::ContentType(_)),
+            ),
+        ];
+        for (name, body, content_type, expected) in cases {
+            let err = CheckBatch::decode(body.as_bytes(), content_type, Limits::default())
+                .expect_err(&format!("{name}: decoded"));
+            assert!(expected(&err), "{name}: unexpected error {err:?}");
+        }
+
+        let confirm_cases = [
+            (r#"{"v":1,"consumer":"c","confirms":[]}"#.to_owned(), "empty batch"),
+            (r#"{"v":1,"consumer":"","confirms":[]}"#.to_owned(), "missing or empty field consumer"),
+            (
+                format!(
+                    r#"{{"v":1,"consumer":"c","confirms":[{{"message_id":"{id}","outcome":"maybe","processed_at":1}}]}}"#
+                ),
+                "unknown variant",
+            ),
+            (
+                format!(
+                    r#"{{"v":1,"consumer":"c","confirms":[{{"message_id":"{id}","outcome":"processed"}}]}}"#
+                ),
+                "processed_at",
+            ),
+            (r#"{"v":3,"consumer":"c","confirms":[]}"#.to_owned(), "unsupported version"),
+        ];
+        for (body, needle) in confirm_cases {
+            let err = ConfirmBatch::decode(body.as_bytes(), None, Limits::default()).expect_err(&body);
+            assert!(err.to_string().contains(needle), "{body}: {err}");
+        }
+    }
+
     #[test]
     fn headers_round_trip() {
         let h = BusinessHeaders {

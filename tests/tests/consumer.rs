@@ -1,0 +1,159 @@
+//! The consumer step against a real broker, on SQLite and on PostgreSQL:
+//! a redelivered duplicate is absorbed (effect once, confirms `processed` then
+//! `duplicate`), a rejection is confirmed as such, a transient failure is
+//! redelivered and applied once, and a malformed message is parked with a reason.
+
+mod common;
+
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use common::{Drain, Store, fresh_broker, fresh_stores, wait_for};
+use lapin::types::AMQPValue;
+use recheck::{
+    Applied, Confirmer, ConsumerConfig, ConsumerLoop, Effect, GroupCommitConfig, Inbox, Incoming, Producer,
+    ProducerConfig, Transient,
+    message::{ConfirmBatch, HEADER_PARK_REASON, Limits, Outcome},
+};
+use sqlx::AnyConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Awards points: one row per order. Rejects `bad-*` orders, fails `flaky-*` once.
+struct Points {
+    flaky_failures: AtomicUsize,
+}
+
+impl Effect for Points {
+    async fn apply(&self, tx: &mut AnyConnection, msg: &Incoming<'_>) -> Result<Applied, Transient> {
+        let key = &msg.headers.business_key;
+        if key.starts_with("bad-") {
+            return Ok(Applied::Rejected(format!("no customer for {key}")));
+        }
+        if key.starts_with("flaky-") && self.flaky_failures.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err("points ledger timed out".into());
+        }
+        sqlx::query("INSERT INTO points (message_id, business_key) VALUES ($1, $2)")
+            .bind(msg.headers.message_id.to_string())
+            .bind(key.as_str())
+            .execute(&mut *tx)
+            .await?;
+        Ok(Applied::Processed)
+    }
+}
+
+async fn points_rows(store: &Store, key: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM points WHERE business_key = $1")
+        .bind(key)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_rejections_failures_and_poison_on_both_stores() {
+    for store in fresh_stores().await {
+        run_consumer_cases(&store).await;
+    }
+}
+
+async fn run_consumer_cases(store: &Store) {
+    let label = store.label;
+    let (_vhost, publisher, topology) = fresh_broker().await;
+    let channel = publisher.create_channel().await.unwrap();
+    topology.declare_consumer_queue(&channel, "points.orders", &["order.created"]).await.unwrap();
+    Inbox::migrate(&store.pool).await.unwrap();
+    sqlx::query("CREATE TABLE points (message_id TEXT PRIMARY KEY, business_key TEXT NOT NULL)")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+
+    let producer = Producer::new(publisher.clone(), topology.clone(), ProducerConfig::new("orders"));
+    let confirmer =
+        Confirmer::new(publisher.clone(), topology.clone(), "points", GroupCommitConfig::default());
+    let effect = Points { flaky_failures: AtomicUsize::new(0) };
+    let consumer = ConsumerLoop::new(
+        store.pool.clone(),
+        publisher.clone(),
+        topology.clone(),
+        confirmer,
+        effect,
+        ConsumerConfig::new("points", "points.orders"),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+
+    // Collects confirms until `done` holds for what was seen.
+    let mut confirms = Drain::new(&channel, &topology.confirms_queue()).await;
+    let mut outcomes: Vec<(Uuid, Outcome, Option<String>)> = Vec::new();
+    async fn until(
+        confirms: &mut Drain,
+        outcomes: &mut Vec<(Uuid, Outcome, Option<String>)>,
+        done: impl Fn(&[(Uuid, Outcome, Option<String>)]) -> bool,
+    ) {
+        while !done(outcomes) {
+            let d = confirms.next(Duration::from_secs(20)).await;
+            let batch = ConfirmBatch::decode(&d.data, None, Limits::default()).unwrap();
+            assert_eq!(batch.consumer, "points");
+            outcomes.extend(batch.confirms.into_iter().map(|c| (c.message_id, c.outcome, c.detail)));
+        }
+    }
+
+    // A message, then the same message id again once it was confirmed (a resend after a lost confirm).
+    let dup = Uuid::now_v7();
+    producer.publish_business(dup, "order.created", "o-dup", b"{}", 0).await.unwrap();
+    until(&mut confirms, &mut outcomes, |o| o.iter().any(|c| c.0 == dup)).await;
+    producer.publish_business(dup, "order.created", "o-dup", b"{}", 1).await.unwrap();
+    until(&mut confirms, &mut outcomes, |o| o.iter().filter(|c| c.0 == dup).count() == 2).await;
+
+    // A rejection, a flaky one, and a poison message (no message id, no headers).
+    let bad = Uuid::now_v7();
+    producer.publish_business(bad, "order.created", "bad-1", b"{}", 0).await.unwrap();
+    let flaky = Uuid::now_v7();
+    producer.publish_business(flaky, "order.created", "flaky-1", b"{}", 0).await.unwrap();
+    publisher
+        .publish(recheck::Outgoing {
+            exchange: &topology.events_exchange(),
+            routing_key: "order.created",
+            body: b"garbage",
+            properties: lapin::BasicProperties::default(),
+        })
+        .await
+        .unwrap();
+    until(&mut confirms, &mut outcomes, |o| o.iter().any(|c| c.0 == bad) && o.iter().any(|c| c.0 == flaky))
+        .await;
+    let of = |id: Uuid| outcomes.iter().filter(|c| c.0 == id).map(|c| c.1).collect::<Vec<_>>();
+    assert_eq!(of(dup), [Outcome::Processed, Outcome::Duplicate], "{label}");
+    assert_eq!(of(bad), [Outcome::Rejected], "{label}");
+    assert!(outcomes.iter().any(|c| c.0 == bad && c.2.as_deref() == Some("no customer for bad-1")));
+    assert_eq!(of(flaky), [Outcome::Processed], "{label}");
+    assert_eq!(points_rows(store, "o-dup").await, 1, "{label}: duplicate applied twice");
+    assert_eq!(points_rows(store, "flaky-1").await, 1, "{label}: flaky message lost or doubled");
+    assert_eq!(points_rows(store, "bad-1").await, 0, "{label}: rejected message applied");
+
+    // The poison message is parked with a reason, and the consumer's queue is empty.
+    let parked = Drain::new(&channel, &topology.parking_queue()).await.next(Duration::from_secs(10)).await;
+    assert_eq!(parked.data, b"garbage");
+    let reason =
+        parked.properties.headers().as_ref().and_then(|h| h.inner().get(HEADER_PARK_REASON).cloned());
+    assert!(
+        matches!(&reason, Some(AMQPValue::LongString(s)) if String::from_utf8_lossy(s.as_bytes()).contains("message_id")),
+        "{label}: reason {reason:?}"
+    );
+    wait_for("an empty consumer queue", Duration::from_secs(10), || {
+        let channel = channel.clone();
+        async move { (common::depth(&channel, "points.orders").await == 0).then_some(()) }
+    })
+    .await;
+
+    stop.cancel();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(
+        (report.processed, report.duplicates, report.rejected, report.parked),
+        (2, 1, 1, 1),
+        "{label}"
+    );
+    assert_eq!(report.retried, 1, "{label}");
+}
