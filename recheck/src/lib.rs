@@ -12,6 +12,7 @@
 //! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
 //! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
 //! - [`parking`]: poison messages go to parking with a reason.
+//! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
 
 pub mod confirmer;
 pub mod consume;
@@ -23,6 +24,7 @@ pub mod message;
 pub mod parking;
 pub mod producer;
 pub mod publisher;
+pub mod shutdown;
 pub mod topology;
 
 pub use confirmer::Confirmer;

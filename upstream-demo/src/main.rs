@@ -1,6 +1,4 @@
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use upstream_demo::{Config, build};
@@ -16,17 +14,7 @@ async fn main() -> anyhow::Result<()> {
 
     let app = build(config).await?;
 
-    let shutdown = CancellationToken::new();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received, shutting down"),
-        }
-        token.cancel();
-    });
+    let shutdown = recheck::shutdown::on_signals()?;
 
     app.run(shutdown).await?;
     tracing::info!("stopped");
