@@ -1,40 +1,51 @@
-//! Build, then run: [`build`] does everything that can fail at start (broker,
-//! topology, listener), so [`App::run`] only serves until it is told to stop.
+//! Build, then run: [`build`] does everything that can fail at start (store and
+//! migrations, broker and topology, producer registry, listener), so
+//! [`App::run`] only works until it is told to stop.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use lapin::Connection;
+use recheck::{Publisher, PublisherConfig, SubscriptionConfig, message::now_ms};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::Config;
+use crate::{
+    Config,
+    admin::AdminService,
+    ingest::{ConfirmIngest, IngestCounters},
+    reconcile::{Policy, Reconciler},
+    registry::ProducerRegistry,
+    store::Store,
+};
 
-/// A started callback service: connected, topology declared, listener bound.
+/// A started callback service: store migrated, topology declared, listener bound.
 pub struct App {
     config: Config,
-    connection: Connection,
+    store: Arc<Store>,
+    publisher: Publisher,
+    registry: Arc<ProducerRegistry>,
     listener: TcpListener,
     grpc_addr: SocketAddr,
 }
 
-/// Connects to RabbitMQ, declares the topology and binds the gRPC listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
+    let registry = Arc::new(ProducerRegistry::from_config(&config).context("reading the producer registry")?);
+    let store = Arc::new(Store::connect(&config.database_url).await.context("opening the store")?);
     // lapin retries an unreachable broker with backoff (minutes) before it fails.
     tracing::info!("connecting to RabbitMQ");
-    let connection = recheck::publisher::connect(&config.amqp_url, "callback-service")
+    let publisher = Publisher::connect(PublisherConfig::new(&config.amqp_url, "callback-service"))
         .await
         .context("connecting to RabbitMQ")?;
-    let channel = connection.create_channel().await?;
+    let channel = publisher.create_channel().await?;
     config.topology().declare(&channel).await.context("declaring the topology")?;
     channel.close(200, "topology declared".into()).await?;
 
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    Ok(App { config, connection, listener, grpc_addr })
+    Ok(App { config, store, publisher, registry, listener, grpc_addr })
 }
 
 impl App {
@@ -47,17 +58,93 @@ impl App {
         &self.config
     }
 
-    /// Serves gRPC until `shutdown` is cancelled, then closes the broker connection.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Consumes confirms and checks, serves `Admin` and health, purges old rows,
+    /// until `shutdown`; then finishes in-flight batches and RPCs and closes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let c = &self.config;
+        let topology = c.topology();
+        let reconciler = Arc::new(Reconciler::new(
+            self.store.clone(),
+            self.publisher.clone(),
+            topology.clone(),
+            self.registry.clone(),
+            Policy {
+                max_resends: c.max_resends,
+                unreachable_deadline: c.unreachable_deadline,
+                rpc_timeout: c.rpc_timeout,
+                max_rpcs_per_producer: c.max_rpcs_per_producer,
+            },
+            c.limits(),
+        ));
+        let ingest = ConfirmIngest {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            topology: topology.clone(),
+            limits: c.limits(),
+            counters: Arc::new(IngestCounters::default()),
+        };
+        let checks = SubscriptionConfig {
+            queue: topology.checks_queue(),
+            tag: "callback-checks".into(),
+            prefetch: c.check_prefetch,
+            batch_size: usize::from(c.check_prefetch),
+            batch_linger: Duration::ZERO,
+        };
+        // A CONFIRM carries many ids: the batch is bounded by messages here and
+        // by `confirm_batch` ids through the prefetch window.
+        let confirms = SubscriptionConfig {
+            queue: topology.confirms_queue(),
+            tag: "callback-confirms".into(),
+            prefetch: c.confirm_prefetch,
+            batch_size: c.confirm_batch,
+            batch_linger: c.confirm_linger,
+        };
+        let admin = AdminService {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            topology: topology.clone(),
+            checks: reconciler.counters.clone(),
+        };
         let (_health_reporter, health) = tonic_health::server::health_reporter();
-        tracing::info!(grpc_addr = %self.grpc_addr, "callback service started");
-        let served = Server::builder()
+        tracing::info!(grpc_addr = %self.grpc_addr, producers = self.registry.len(), "callback service started");
+
+        let grpc = Server::builder()
             .add_service(health)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = self.connection.close(200, "shutting down".into()).await {
-            tracing::debug!(error = %e, "closing the broker connection");
+            .add_service(admin.into_server())
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        let (served, checked, ingested, ()) = tokio::join!(
+            grpc,
+            reconciler.run(checks, shutdown.clone()),
+            ingest.run(confirms, shutdown.clone()),
+            purge(&self.store, c.retention, c.purge_interval, &shutdown),
+        );
+        self.publisher.close().await;
+        served.context("serving gRPC")?;
+        checked.context("processing checks")?;
+        ingested.context("ingesting confirms")
+    }
+}
+
+/// Retention: deletes terminal rows older than `retention`, every `interval`.
+async fn purge(store: &Store, retention: Duration, interval: Duration, shutdown: &CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
         }
-        served.context("serving gRPC")
+        let before = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.purge(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "retention purge"),
+            Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+        }
     }
 }

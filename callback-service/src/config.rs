@@ -1,13 +1,16 @@
 //! Typed configuration: each flag can also be set by the environment variable
-//! named in `--help`.
+//! named in `--help`. Durations take `ms`, `s`, `m`, `h` or `d` (a bare number is seconds).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use recheck::{Topology, topology::parse_tiers};
+use recheck::{Topology, message::Limits, topology::parse_tiers};
 
+use crate::registry::ProducerEntry;
+
+/// The service's settings. The binary wraps it in [`crate::cli::Cli`]; tests build it
+/// with [`Config::for_tests`] and then change fields.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "callback-service", version, about = "Recheck callback service: confirms in, resends out")]
 pub struct Config {
     /// RabbitMQ URL (the vhost is the URL-encoded path).
     #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -32,11 +35,140 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]
     pub log: Option<String>,
+
+    /// Producers' resend hooks, comma-separated `NAME=URL` or `NAME=URL TOKEN` entries
+    /// (e.g. `orders=http://127.0.0.1:50061,billing=http://billing:50061 s3cr3t`); a TOKEN is
+    /// sent as `authorization: Bearer TOKEN`. Prefer `--producers-file` for tokens.
+    #[arg(long, env = "RECHECK_PRODUCERS", value_delimiter = ',', value_parser = parse_producer)]
+    pub producers: Vec<ProducerEntry>,
+
+    /// File of producer entries, same `NAME=URL [TOKEN]` syntax, one per line; blank lines and
+    /// lines starting with `#` are skipped. Merged with `--producers`; a name may appear once.
+    #[arg(long, env = "RECHECK_PRODUCERS_FILE")]
+    pub producers_file: Option<PathBuf>,
+
+    /// Resends of one message before it is marked `failed`.
+    #[arg(long, env = "RECHECK_MAX_RESENDS", default_value_t = 5)]
+    pub max_resends: u32,
+
+    /// How long a producer's hook may keep failing for one message before it is marked `failed`
+    /// ("producer unreachable").
+    #[arg(long, env = "RECHECK_UNREACHABLE_DEADLINE", default_value = "1h", value_parser = parse_duration)]
+    pub unreachable_deadline: Duration,
+
+    /// Deadline of one `Resend` RPC (also the connect timeout).
+    #[arg(long, env = "RECHECK_RPC_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub rpc_timeout: Duration,
+
+    /// Concurrent `Resend` RPCs to one producer; more wait for a slot.
+    #[arg(long, env = "RECHECK_MAX_RPCS_PER_PRODUCER", default_value_t = 32)]
+    pub max_rpcs_per_producer: usize,
+
+    /// Unacked CHECK deliveries in flight (AMQP prefetch of the checks consumer).
+    #[arg(long, env = "RECHECK_CHECK_PREFETCH", default_value_t = 256)]
+    pub check_prefetch: u16,
+
+    /// Unacked CONFIRM deliveries in flight (AMQP prefetch of the confirms consumer).
+    #[arg(long, env = "RECHECK_CONFIRM_PREFETCH", default_value_t = 2000)]
+    pub confirm_prefetch: u16,
+
+    /// Most confirms written in one store transaction.
+    #[arg(long, env = "RECHECK_CONFIRM_BATCH", default_value_t = 1000)]
+    pub confirm_batch: usize,
+
+    /// How long the confirm ingester waits for more deliveries before writing a batch.
+    #[arg(long, env = "RECHECK_CONFIRM_LINGER", default_value = "5ms", value_parser = parse_duration)]
+    pub confirm_linger: Duration,
+
+    /// How long terminal rows (confirmed, void, rejected, failed) are kept before the purge.
+    #[arg(long, env = "RECHECK_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Interval between purges of expired terminal rows.
+    #[arg(long, env = "RECHECK_PURGE_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub purge_interval: Duration,
+
+    /// Largest CHECK or CONFIRM body accepted, in bytes; larger ones are parked.
+    #[arg(long, env = "RECHECK_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+
+    /// Most message ids in one CHECK or CONFIRM; larger batches are parked.
+    #[arg(long, env = "RECHECK_MAX_IDS", default_value_t = 5_000)]
+    pub max_ids: usize,
 }
 
 impl Config {
+    /// Every default, with the given broker and store. Environment variables still apply
+    /// (clap reads them), so a test process should not set `RECHECK_*`.
+    pub fn for_tests(amqp_url: impl Into<String>, database_url: impl Into<String>) -> Config {
+        let mut config = Config::parse_from(["callback-service"]);
+        config.amqp_url = amqp_url.into();
+        config.database_url = database_url.into();
+        config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
         Topology::new(self.prefix.clone(), self.delay_tiers.clone())
+    }
+
+    /// Bounds on the CHECK and CONFIRM bodies this service decodes.
+    pub fn limits(&self) -> Limits {
+        Limits { max_body_bytes: self.max_body_bytes, max_ids: self.max_ids }
+    }
+}
+
+fn parse_producer(s: &str) -> Result<ProducerEntry, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+/// [`recheck::topology::parse_duration`], plus days: `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    match t.strip_suffix('d') {
+        Some(days) if !days.is_empty() && days.bytes().all(|b| b.is_ascii_digit()) => days
+            .parse::<u64>()
+            .ok()
+            .and_then(|d| d.checked_mul(86_400))
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("invalid duration {t:?}")),
+        _ => recheck::topology::parse_duration(t)
+            .map_err(|e| if e.contains("unit") { format!("{e}; or d for days") } else { e }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let c = Config::for_tests("amqp://x", "sqlite::memory:");
+        assert_eq!(c.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.unreachable_deadline, Duration::from_secs(3_600));
+        assert_eq!(c.confirm_linger, Duration::from_millis(5));
+        assert_eq!(c.limits().max_ids, 5_000);
+        assert_eq!(c.grpc_addr.port(), 0);
+    }
+
+    #[test]
+    fn days_and_units() {
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("3w").unwrap_err().contains("days"));
+    }
+
+    #[test]
+    fn producers_flag_splits_on_commas() {
+        let c = Config::parse_from([
+            "callback-service",
+            "--producers",
+            "orders=http://127.0.0.1:50061, billing=http://h:1 tok",
+        ]);
+        let names: Vec<_> = c.producers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["orders", "billing"]);
+        assert_eq!(c.producers[1].token.as_deref(), Some("tok"));
     }
 }

@@ -2,14 +2,23 @@
 //! and on each due CHECK either closes the message or asks its producer to resend.
 //!
 //! - [`config`]: every flag and environment variable, in one [`Config`].
-//! - [`app`]: [`build`] connects to RabbitMQ, declares the topology and binds the
-//!   gRPC listener; [`App::run`] serves until the shutdown token is cancelled.
-//!
-//! Skeleton: only the gRPC health service is served so far; consuming checks and
-//! confirms, the store and the `Admin` service come next.
+//! - [`app`]: [`build`] opens the store (migrations), connects to RabbitMQ,
+//!   declares the topology and binds the gRPC listener; [`App::run`] runs the
+//!   loops below until the shutdown token is cancelled.
+//! - [`store`]: messages, confirms and history over sqlx `Any` (SQLite / PostgreSQL).
+//! - [`ingest`]: CONFIRM batches → one store transaction → `ack(multiple)`.
+//! - [`reconcile`]: each due CHECK → decide → `ResendHook.Resend` → next CHECK → ack.
+//! - [`registry`]: producer name → hook endpoint (and bearer token).
+//! - [`admin`]: the `recheck.v1.Admin` gRPC service; [`cli`]: the `admin` subcommand over it.
 
+pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod config;
+pub mod ingest;
+pub mod reconcile;
+pub mod registry;
+pub mod store;
 
 pub use app::{App, build};
 pub use config::Config;

@@ -1,11 +1,25 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use callback_service::{Config, build};
+use callback_service::{
+    build,
+    cli::{Cli, Command, run_admin},
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        Some(Command::Admin(admin)) => {
+            if let Err(e) = run_admin(admin).await {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        Some(Command::Serve(config)) => *config,
+        None => cli.config,
+    };
     let filter = match &config.log {
         Some(directives) => EnvFilter::try_new(directives)?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

@@ -6,19 +6,15 @@
 
 use std::{future::Future, time::Duration};
 
-use futures_util::StreamExt;
 use lapin::{
-    Channel,
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
+    options::{BasicAckOptions, BasicNackOptions},
 };
 use sqlx::{AnyConnection, AnyPool};
-use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Confirmer, Inbox, Publisher, Result, Topology,
+    Confirmer, Inbox, Publisher, Result, Subscription, SubscriptionConfig, Topology,
     hook::BoxError,
     message::{BusinessHeaders, Confirm, Outcome, now_ms},
     parking::park,
@@ -138,108 +134,24 @@ impl<E: Effect> ConsumerLoop<E> {
 
     /// Consumes until `shutdown`; the batch in hand is finished first.
     pub async fn run(self, shutdown: CancellationToken) -> Result<BatchReport> {
-        let mut session = self.subscribe().await?;
+        let c = &self.config;
+        let config = SubscriptionConfig {
+            queue: c.queue.clone(),
+            tag: c.consumer.clone(),
+            prefetch: c.prefetch,
+            batch_size: c.batch_size,
+            batch_linger: c.batch_linger,
+        };
+        let mut subscription = Subscription::new(self.publisher.clone(), config).await?;
         let mut total = BatchReport::default();
-        // When the channel was first seen down with no delivery or error to say so.
-        let mut down_since: Option<Instant> = None;
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                next = session.deliveries.next() => next,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    // lapin may never report a connection whose recovery stalled.
-                    if session.channel.status().connected() {
-                        down_since = None;
-                    } else if down_since.get_or_insert_with(Instant::now).elapsed() > self.recovery_timeout() {
-                        session = self.resubscribe(&shutdown).await?;
-                        down_since = None;
-                    }
-                    continue;
-                }
-            };
-            let first = match next {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => {
-                    tracing::warn!(consumer = %self.config.consumer, error = %e, "consumer interrupted");
-                    let recovered = matches!(
-                        timeout(self.recovery_timeout(), session.channel.wait_for_recovery(e)).await,
-                        Ok(Ok(()))
-                    );
-                    if !recovered {
-                        session = self.resubscribe(&shutdown).await?;
-                    }
-                    continue;
-                }
-                // The broker cancelled the consumer (queue deleted, node down): start over.
-                None => {
-                    session = self.resubscribe(&shutdown).await?;
-                    continue;
-                }
-            };
-            let mut batch = vec![first];
-            let deadline = Instant::now() + self.config.batch_linger;
-            while batch.len() < self.config.batch_size {
-                match timeout_at(deadline, session.deliveries.next()).await {
-                    Ok(Some(Ok(d))) => batch.push(d),
-                    // An error here is seen again by the next `next()` after this batch.
-                    _ => break,
-                }
-            }
+        while let Some(batch) = subscription.next_batch(&shutdown).await {
             match self.handle_batch(batch).await {
                 Ok(report) => total += report,
-                Err(e) => {
-                    tracing::warn!(consumer = %self.config.consumer, error = %e, "batch failed; redelivering")
-                }
+                Err(e) => tracing::warn!(consumer = %c.consumer, error = %e, "batch failed; redelivering"),
             }
         }
-        let _ = session.channel.close(200, "shutdown".into()).await;
+        subscription.close().await;
         Ok(total)
-    }
-
-    fn recovery_timeout(&self) -> Duration {
-        self.publisher.config().recovery_timeout
-    }
-
-    async fn subscribe(&self) -> Result<Session> {
-        let channel = self.publisher.create_channel().await?;
-        channel.basic_qos(self.config.prefetch, BasicQosOptions::default()).await?;
-        let deliveries = channel
-            .basic_consume(
-                self.config.queue.as_str().into(),
-                format!("{}-{}", self.config.consumer, uuid::Uuid::now_v7()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Session { channel, deliveries })
-    }
-
-    /// A new channel and consumer, on a new connection if the old one is gone;
-    /// retries until it works or `shutdown`.
-    async fn resubscribe(&self, shutdown: &CancellationToken) -> Result<Session> {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let attempt = async {
-                self.publisher
-                    .ensure_connected(Instant::now() + self.publisher.config().publish_timeout)
-                    .await?;
-                self.subscribe().await
-            };
-            match attempt.await {
-                Ok(session) => {
-                    tracing::info!(consumer = %self.config.consumer, "consuming again");
-                    return Ok(session);
-                }
-                Err(e) => {
-                    tracing::warn!(consumer = %self.config.consumer, error = %e, ?backoff, "resubscribing")
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Err(crate::Error::Closed),
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
     }
 
     /// Handles one micro-batch of deliveries from one channel, in tag order.
@@ -326,10 +238,4 @@ impl<E: Effect> ConsumerLoop<E> {
             return Ok(confirms);
         }
     }
-}
-
-/// A channel and the consumer on it.
-struct Session {
-    channel: Channel,
-    deliveries: lapin::Consumer,
 }

@@ -12,6 +12,7 @@
 //! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
 //! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
 //! - [`parking`]: poison messages go to parking with a reason.
+//! - [`subscription`]: batches of deliveries from a queue, across reconnects.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
 
 pub mod confirmer;
@@ -25,6 +26,7 @@ pub mod parking;
 pub mod producer;
 pub mod publisher;
 pub mod shutdown;
+pub mod subscription;
 pub mod topology;
 
 pub use confirmer::Confirmer;
@@ -35,4 +37,5 @@ pub use hook::{Lookup, ResendHookService, ResendSource};
 pub use inbox::Inbox;
 pub use producer::{Event, Prepared, Producer, ProducerConfig};
 pub use publisher::{Outgoing, Publisher, PublisherConfig};
+pub use subscription::{Subscription, SubscriptionConfig};
 pub use topology::Topology;

@@ -1,0 +1,163 @@
+//! The `recheck.v1.Admin` gRPC service: inspect, list, redrive, stats.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use recheck::{Publisher, Topology, message::now_ms};
+use recheck_proto::v1::{
+    self as pb, GetMessageRequest, GetMessageResponse, ListMessagesRequest, ListMessagesResponse,
+    RedriveRequest, RedriveResponse, StatsRequest, StatsResponse, admin_server,
+};
+use tonic::{Request, Response, Status as GrpcStatus};
+
+use crate::{
+    reconcile::{CheckCounters, publish_redrive},
+    store::{MessageRow, Status, Store},
+};
+
+pub struct AdminService {
+    pub store: Arc<Store>,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub checks: Arc<CheckCounters>,
+}
+
+impl AdminService {
+    pub fn into_server(self) -> admin_server::AdminServer<Self> {
+        admin_server::AdminServer::new(self)
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> GrpcStatus {
+    GrpcStatus::internal(e.to_string())
+}
+
+pub fn status_to_pb(s: Status) -> pb::MessageStatus {
+    match s {
+        Status::Pending => pb::MessageStatus::Pending,
+        Status::Confirmed => pb::MessageStatus::Confirmed,
+        Status::Resent => pb::MessageStatus::Resent,
+        Status::Void => pb::MessageStatus::Void,
+        Status::Failed => pb::MessageStatus::Failed,
+        Status::Rejected => pb::MessageStatus::Rejected,
+    }
+}
+
+fn status_from_pb(s: pb::MessageStatus) -> Option<Status> {
+    Status::ALL.into_iter().find(|st| status_to_pb(*st) == s)
+}
+
+fn message_to_pb(row: MessageRow) -> pb::Message {
+    pb::Message {
+        status: status_to_pb(row.status).into(),
+        message_id: row.message_id,
+        producer: row.producer,
+        routing_key: row.routing_key,
+        business_key: row.business_key,
+        expect: row.expect.unwrap_or_default(),
+        attempt: row.attempt,
+        resend_count: row.resend_count,
+        next_check_at: row.next_check_at,
+        last_error: row.last_error.unwrap_or_default(),
+        published_at: row.published_at,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    }
+}
+
+fn outcome_to_pb(o: recheck::message::Outcome) -> pb::ConfirmOutcome {
+    match o {
+        recheck::message::Outcome::Processed => pb::ConfirmOutcome::Processed,
+        recheck::message::Outcome::Duplicate => pb::ConfirmOutcome::Duplicate,
+        recheck::message::Outcome::Rejected => pb::ConfirmOutcome::Rejected,
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for AdminService {
+    #[tracing::instrument(skip_all, fields(message_id = %request.get_ref().message_id))]
+    async fn get_message(
+        &self,
+        request: Request<GetMessageRequest>,
+    ) -> Result<Response<GetMessageResponse>, GrpcStatus> {
+        let id = &request.get_ref().message_id;
+        let (row, confirms, history) = self
+            .store
+            .details(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| GrpcStatus::not_found(format!("no message {id}")))?;
+        Ok(Response::new(GetMessageResponse {
+            message: Some(message_to_pb(row)),
+            confirms: confirms
+                .into_iter()
+                .map(|c| pb::ConfirmRecord {
+                    consumer: c.consumer,
+                    outcome: outcome_to_pb(c.outcome).into(),
+                    detail: c.detail.unwrap_or_default(),
+                    processed_at: c.processed_at,
+                })
+                .collect(),
+            history: history
+                .into_iter()
+                .map(|t| pb::Transition {
+                    at: t.at,
+                    from: t.from.map_or(pb::MessageStatus::Unspecified, status_to_pb).into(),
+                    to: status_to_pb(t.to).into(),
+                    attempt: t.attempt,
+                    reason: t.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<ListMessagesRequest>,
+    ) -> Result<Response<ListMessagesResponse>, GrpcStatus> {
+        let req = request.into_inner();
+        let status = match req.status() {
+            pb::MessageStatus::Unspecified => None,
+            s => Some(status_from_pb(s).ok_or_else(|| GrpcStatus::invalid_argument("unknown status"))?),
+        };
+        let page_size = if req.page_size == 0 { 100 } else { req.page_size };
+        let (rows, next) = self.store.list(status, page_size, &req.page_token).await.map_err(internal)?;
+        Ok(Response::new(ListMessagesResponse {
+            messages: rows.into_iter().map(message_to_pb).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(message_id = %request.get_ref().message_id))]
+    async fn redrive(
+        &self,
+        request: Request<RedriveRequest>,
+    ) -> Result<Response<RedriveResponse>, GrpcStatus> {
+        let id = &request.get_ref().message_id;
+        let Some(row) = self.store.redrive(id).await.map_err(internal)? else {
+            return Err(GrpcStatus::failed_precondition(format!(
+                "{id} is not failed or rejected (or unknown)"
+            )));
+        };
+        // The row is pending at a new attempt; its CHECK makes the resend happen.
+        publish_redrive(&self.publisher, &self.topology, &row).await.map_err(internal)?;
+        tracing::info!(message_id = %id, attempt = row.attempt, "redriven");
+        Ok(Response::new(RedriveResponse { message: Some(message_to_pb(row)) }))
+    }
+
+    async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, GrpcStatus> {
+        let counts = self.store.counts().await.map_err(internal)?;
+        let (confirms, resends) = self.store.activity_since(now_ms() - 60_000).await.map_err(internal)?;
+        Ok(Response::new(StatsResponse {
+            total: counts.iter().map(|(_, n)| n).sum(),
+            counts: counts
+                .into_iter()
+                .map(|(s, count)| pb::StatusCount { status: status_to_pb(s).into(), count })
+                .collect(),
+            confirms_per_second: confirms as f64 / 60.0,
+            resends_per_second: resends as f64 / 60.0,
+            // Checks are counted by this instance since it started.
+            checks_per_second: self.checks.checks.load(Ordering::Relaxed) as f64
+                / self.checks.started.elapsed().as_secs_f64().max(1.0),
+        }))
+    }
+}

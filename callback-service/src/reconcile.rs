@@ -1,0 +1,355 @@
+//! Check processing: for each due check, decide from the store (DESIGN.md
+//! state machine), call the producer's `ResendHook` if nobody confirmed,
+//! publish the next CHECK (broker-confirmed), record the outcome, then ack.
+//!
+//! Each check runs: record → claim attempt `n` (conditional update) → RPC with
+//! attempt `n + 1` → publish next CHECK → finish (conditional on `n + 1`) → ack.
+//! A crash anywhere leaves a redelivered check that either finds its attempt
+//! taken and scheduled (nothing to do), or taken and never scheduled: after a
+//! lease it publishes the missing next CHECK itself.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+};
+use recheck::{
+    Publisher, Subscription, SubscriptionConfig, Topology,
+    message::{Check, CheckBatch, Limits, now_ms},
+    parking::park,
+    producer::publish_checks,
+};
+use recheck_proto::v1::{ResendOutcome, ResendRequest};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    registry::ProducerRegistry,
+    store::{AttemptOutcome, MessageRow, Status, Store},
+};
+
+/// The state machine's knobs.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub max_resends: u32,
+    /// Failing RPCs for this long since the first failure → `failed("producer unreachable")`.
+    pub unreachable_deadline: Duration,
+    pub rpc_timeout: Duration,
+    pub max_rpcs_per_producer: usize,
+}
+
+/// Counters since start.
+#[derive(Debug)]
+pub struct CheckCounters {
+    pub started: std::time::Instant,
+    pub checks: AtomicU64,
+    pub rpcs: AtomicU64,
+    pub parked: AtomicU64,
+}
+
+impl Default for CheckCounters {
+    fn default() -> Self {
+        Self { started: std::time::Instant::now(), checks: 0.into(), rpcs: 0.into(), parked: 0.into() }
+    }
+}
+
+pub struct Reconciler {
+    pub store: Arc<Store>,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub registry: Arc<ProducerRegistry>,
+    pub policy: Policy,
+    pub limits: Limits,
+    pub counters: Arc<CheckCounters>,
+    /// One slow producer uses up only its own slots.
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// What to do with one check once it is decided.
+#[derive(Debug)]
+enum Plan {
+    /// Nothing: settled, or a duplicate of an attempt already handled.
+    Done,
+    /// Publish `next` after `delay`, then record `outcome` for `attempt`.
+    Finish { attempt: u32, outcome: AttemptOutcome, next: Option<(Check, Duration)> },
+    /// The attempt was claimed by a process that did not schedule the next
+    /// check in time: publish it on its behalf.
+    Takeover { next: Check, delay: Duration },
+    /// Another process is working on the attempt: look again shortly.
+    Watch { check: Check },
+}
+
+impl Reconciler {
+    pub fn new(
+        store: Arc<Store>,
+        publisher: Publisher,
+        topology: Topology,
+        registry: Arc<ProducerRegistry>,
+        policy: Policy,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            topology,
+            registry,
+            policy,
+            limits,
+            counters: Arc::default(),
+            slots: Mutex::default(),
+        }
+    }
+
+    /// Consumes the checks queue until `shutdown`; every delivery in hand is
+    /// finished (RPCs included) before it returns.
+    pub async fn run(
+        self: Arc<Self>,
+        subscription: SubscriptionConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut checks = Subscription::new(self.publisher.clone(), subscription).await?;
+        let in_flight = TaskTracker::new();
+        while let Some(batch) = checks.next_batch(&shutdown).await {
+            for delivery in batch {
+                let this = self.clone();
+                in_flight.spawn(async move {
+                    if let Err(e) = this.handle_delivery(&delivery).await {
+                        tracing::warn!(error = %e, "check delivery failed; redelivering");
+                        let _ =
+                            delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                    }
+                });
+            }
+        }
+        in_flight.close();
+        in_flight.wait().await;
+        checks.close().await;
+        Ok(())
+    }
+
+    /// One CHECK message: every check in it decided, the next checks published,
+    /// the outcomes recorded, then the ack. Malformed bodies are parked.
+    pub async fn handle_delivery(&self, delivery: &Delivery) -> anyhow::Result<()> {
+        let content_type = delivery.properties.content_type().as_ref().map(|c| c.as_str());
+        let batch = match CheckBatch::decode(&delivery.data, content_type, self.limits) {
+            Ok(batch) => batch,
+            Err(e) => {
+                park(
+                    &self.publisher,
+                    &self.topology,
+                    &self.topology.checks_queue(),
+                    delivery,
+                    &e.to_string(),
+                )
+                .await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        let plans = futures_util::future::try_join_all(
+            batch.checks.iter().map(|check| self.decide(&batch.producer, check)),
+        )
+        .await?;
+
+        // Next checks first (grouped per delay into one CHECK message), then the store.
+        let mut next_by_delay: HashMap<Duration, Vec<Check>> = HashMap::new();
+        for plan in &plans {
+            let (check, delay) = match plan {
+                Plan::Finish { next: Some((check, delay)), .. } => (check, *delay),
+                Plan::Takeover { next, delay } => (next, *delay),
+                Plan::Watch { check } => (check, self.shortest_tier()),
+                _ => continue,
+            };
+            next_by_delay.entry(self.topology.tier_for(delay)).or_default().push(check.clone());
+        }
+        for (delay, checks) in next_by_delay {
+            publish_checks(
+                &self.publisher,
+                &self.topology,
+                &CheckBatch::new(batch.producer.clone(), checks),
+                delay,
+            )
+            .await?;
+        }
+        for (check, plan) in batch.checks.iter().zip(&plans) {
+            let id = check.message_id.to_string();
+            match plan {
+                Plan::Finish { attempt, outcome, next } => {
+                    let next_at = next.as_ref().map_or(0, |(_, d)| now_ms() + millis(*d));
+                    let outcome = with_next_at(outcome, next_at);
+                    self.store.finish(&id, *attempt, &outcome).await?;
+                    if let AttemptOutcome::Terminal { status: Status::Failed, reason } = &outcome {
+                        tracing::error!(message_id = %id, %reason, "message failed");
+                    }
+                }
+                Plan::Takeover { next, delay } => {
+                    self.store.mark_scheduled(&id, next.attempt, now_ms() + millis(*delay)).await?;
+                }
+                Plan::Done | Plan::Watch { .. } => {}
+            }
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Decides one check; makes the RPC if the message is unconfirmed and this
+    /// process won the attempt.
+    #[tracing::instrument(skip_all, fields(message_id = %check.message_id, attempt = check.attempt))]
+    async fn decide(&self, producer: &str, check: &Check) -> anyhow::Result<Plan> {
+        self.counters.checks.fetch_add(1, Ordering::Relaxed);
+        let row = self.store.record_check(producer, check).await?;
+        if row.status.is_terminal() {
+            return Ok(Plan::Done);
+        }
+        let n = check.attempt;
+        if row.attempt > n {
+            return Ok(self.duplicate(&row, check));
+        }
+        let Some(client) = self.registry.client(producer) else {
+            let reason = format!("unknown producer {producer:?}");
+            return Ok(Plan::Finish { attempt: n, outcome: failed(reason), next: None });
+        };
+        if row.resend_count >= self.policy.max_resends {
+            let reason = format!("no confirm after {} resends (max_resends)", row.resend_count);
+            return Ok(Plan::Finish { attempt: n, outcome: failed(reason), next: None });
+        }
+        if !self.store.claim(&row.message_id, n).await? {
+            return Ok(Plan::Done);
+        }
+
+        let attempt = n + 1;
+        let request = ResendRequest {
+            message_id: row.message_id.clone(),
+            producer: producer.to_owned(),
+            routing_key: check.routing_key.clone(),
+            business_key: check.business_key.clone(),
+            attempt,
+            published_at: check.published_at,
+        };
+        let slot = self.slot(producer).acquire_owned().await?;
+        self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
+        let answer = client.resend(request, self.policy.rpc_timeout).await;
+        drop(slot);
+        let next = Check { attempt, ..check.clone() };
+        let delay = self.backoff(attempt);
+        let reason = match answer {
+            Ok(r) if r.outcome() == ResendOutcome::Resent => {
+                tracing::info!(message_id = %row.message_id, attempt, "resent");
+                return Ok(Plan::Finish {
+                    attempt,
+                    outcome: AttemptOutcome::Resent { next_check_at: 0 },
+                    next: Some((next, delay)),
+                });
+            }
+            Ok(r) if r.outcome() == ResendOutcome::NotFound => {
+                let outcome = AttemptOutcome::Terminal {
+                    status: Status::Void,
+                    reason: or_default(r.reason, "not found"),
+                };
+                return Ok(Plan::Finish { attempt, outcome, next: None });
+            }
+            Ok(r) => format!("{}: {}", r.outcome().as_str_name(), r.reason),
+            Err(status) => format!("rpc {:?}: {}", status.code(), status.message()),
+        };
+        let failing_since = row.first_failure_at.unwrap_or_else(now_ms);
+        if now_ms() - failing_since >= millis(self.policy.unreachable_deadline) {
+            return Ok(Plan::Finish {
+                attempt,
+                outcome: failed(format!("producer unreachable: {reason}")),
+                next: None,
+            });
+        }
+        tracing::warn!(message_id = %row.message_id, attempt, %reason, "resend not done; re-checking later");
+        Ok(Plan::Finish {
+            attempt,
+            outcome: AttemptOutcome::Retry { reason, next_check_at: 0 },
+            next: Some((next, delay)),
+        })
+    }
+
+    /// A check for an attempt the row has moved past.
+    fn duplicate(&self, row: &MessageRow, check: &Check) -> Plan {
+        if row.scheduled_attempt >= row.attempt {
+            return Plan::Done;
+        }
+        // Claimed but its next check never published: whoever claimed it has
+        // had the RPC deadline and then some.
+        let lease = millis(self.policy.rpc_timeout) * 2 + 5_000;
+        if now_ms() - row.updated_at > lease {
+            let next = Check { attempt: row.attempt, ..check.clone() };
+            return Plan::Takeover { next, delay: self.backoff(row.attempt) };
+        }
+        Plan::Watch { check: check.clone() }
+    }
+
+    /// Backoff over the configured tiers: the a-th re-check waits tier a-1 (capped).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let tiers = &self.topology.tiers;
+        let i = (attempt.saturating_sub(1) as usize).min(tiers.len().saturating_sub(1));
+        tiers.get(i).copied().unwrap_or(Duration::from_secs(30))
+    }
+
+    fn shortest_tier(&self) -> Duration {
+        self.topology.tiers.first().copied().unwrap_or(Duration::from_secs(5))
+    }
+
+    fn slot(&self, producer: &str) -> Arc<Semaphore> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        slots
+            .entry(producer.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.policy.max_rpcs_per_producer)))
+            .clone()
+    }
+}
+
+/// Publishes a redrive's CHECK right away (shortest tier).
+pub async fn publish_redrive(
+    publisher: &Publisher,
+    topology: &Topology,
+    row: &MessageRow,
+) -> recheck::Result<()> {
+    let check = Check {
+        message_id: row
+            .message_id
+            .parse()
+            .map_err(|_| recheck::message::DecodeError::InvalidId(row.message_id.clone()))?,
+        routing_key: row.routing_key.clone(),
+        business_key: row.business_key.clone(),
+        attempt: row.attempt,
+        published_at: row.published_at,
+        expect: row.expect.clone(),
+    };
+    let delay = topology.tiers.first().copied().unwrap_or_default();
+    publish_checks(publisher, topology, &CheckBatch::new(row.producer.clone(), vec![check]), delay).await
+}
+
+fn failed(reason: String) -> AttemptOutcome {
+    AttemptOutcome::Terminal { status: Status::Failed, reason }
+}
+
+fn or_default(reason: String, default: &str) -> String {
+    if reason.is_empty() { default.to_owned() } else { reason }
+}
+
+fn with_next_at(outcome: &AttemptOutcome, next_check_at: i64) -> AttemptOutcome {
+    match outcome {
+        AttemptOutcome::Resent { .. } => AttemptOutcome::Resent { next_check_at },
+        AttemptOutcome::Retry { reason, .. } => {
+            AttemptOutcome::Retry { reason: reason.clone(), next_check_at }
+        }
+        other => other.clone(),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

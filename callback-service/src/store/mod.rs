@@ -1,0 +1,246 @@
+//! The callback service's store over sqlx `Any`: SQLite by default, PostgreSQL
+//! for production and for several instances. Same SQL for both (`$n` binds,
+//! `ON CONFLICT`), two migration folders.
+//!
+//! - this file: connecting, migrations, row types;
+//! - [`confirms`]: batched confirm ingest;
+//! - [`checks`]: the per-attempt transitions of the state machine, each a
+//!   conditional update on `(message_id, attempt)`;
+//! - [`queries`]: what the admin API reads and redrives, stats, retention.
+
+mod checks;
+mod confirms;
+mod queries;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use recheck::message::Outcome;
+use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+use uuid::Uuid;
+
+pub use checks::{AttemptOutcome, CheckView};
+pub use confirms::IngestReport;
+
+static SQLITE: Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES: Migrator = sqlx::migrate!("../migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?} (use sqlite:// or postgres://)")]
+    Url(String),
+    #[error("corrupt row for {0}: {1}")]
+    Corrupt(String, String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Where a message stands (DESIGN.md state machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Pending,
+    Confirmed,
+    Resent,
+    Void,
+    Failed,
+    Rejected,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] =
+        [Status::Pending, Status::Confirmed, Status::Resent, Status::Void, Status::Failed, Status::Rejected];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Confirmed => "confirmed",
+            Status::Resent => "resent",
+            Status::Void => "void",
+            Status::Failed => "failed",
+            Status::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// No more checks act on it (a redrive or a late confirm still can).
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Status::Pending | Status::Resent)
+    }
+}
+
+/// One row of `messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    pub message_id: String,
+    pub producer: String,
+    pub routing_key: String,
+    pub business_key: String,
+    pub expect: Option<Vec<String>>,
+    pub status: Status,
+    pub attempt: u32,
+    pub scheduled_attempt: u32,
+    pub resend_count: u32,
+    pub next_check_at: i64,
+    pub last_error: Option<String>,
+    pub published_at: i64,
+    pub first_failure_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfirmRow {
+    pub consumer: String,
+    pub outcome: Outcome,
+    pub detail: Option<String>,
+    pub processed_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub at: i64,
+    pub from: Option<Status>,
+    pub to: Status,
+    pub attempt: u32,
+    pub reason: String,
+}
+
+pub struct Store {
+    pool: AnyPool,
+    /// Write transactions committed by this process (tests assert batching on it).
+    transactions: AtomicU64,
+}
+
+impl Store {
+    /// Connects and applies the migrations for the URL's backend.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        if !sqlite && !url.starts_with("postgres:") && !url.starts_with("postgresql:") {
+            return Err(StoreError::Url(url.to_owned()));
+        }
+        let pool = AnyPoolOptions::new()
+            // SQLite has one writer anyway; more connections only add lock waits.
+            .max_connections(if sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous=NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout=10000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        let migrator = if sqlite { &SQLITE } else { &POSTGRES };
+        migrator.run(&pool).await?;
+        Ok(Self { pool, transactions: AtomicU64::new(0) })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Write transactions committed so far by this process.
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+
+    fn committed(&self) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn id_text(id: Uuid) -> String {
+    id.to_string()
+}
+
+pub(crate) fn expect_text(expect: &Option<Vec<String>>) -> Option<String> {
+    expect.as_ref().filter(|e| !e.is_empty()).map(|e| e.join(","))
+}
+
+/// `SELECT <every message column> FROM messages <rest>`, as a literal (sqlx wants static SQL).
+macro_rules! select_messages {
+    ($rest:literal) => {
+        concat!(
+            "SELECT message_id, producer, routing_key, business_key, expect, status, attempt, ",
+            "scheduled_attempt, resend_count, next_check_at, last_error, published_at, first_failure_at, ",
+            "created_at, updated_at FROM messages ",
+            $rest
+        )
+    };
+}
+use select_messages;
+
+type RawMessage = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+);
+
+fn message_from(raw: RawMessage) -> Result<MessageRow> {
+    let status = Status::parse(&raw.5).ok_or_else(|| StoreError::Corrupt(raw.0.clone(), raw.5.clone()))?;
+    let n = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    Ok(MessageRow {
+        expect: raw.4.map(|e| e.split(',').map(str::to_owned).collect()),
+        status,
+        attempt: n(raw.6),
+        scheduled_attempt: n(raw.7),
+        resend_count: n(raw.8),
+        next_check_at: raw.9,
+        last_error: raw.10,
+        published_at: raw.11,
+        first_failure_at: raw.12,
+        created_at: raw.13,
+        updated_at: raw.14,
+        message_id: raw.0,
+        producer: raw.1,
+        routing_key: raw.2,
+        business_key: raw.3,
+    })
+}
+
+/// Appends one history row inside the caller's transaction.
+async fn record_transition(
+    tx: &mut sqlx::AnyConnection,
+    message_id: &str,
+    from: Option<Status>,
+    to: Status,
+    attempt: u32,
+    reason: &str,
+    at: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO history (message_id, at, from_status, to_status, attempt, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(message_id)
+    .bind(at)
+    .bind(from.map(Status::as_str))
+    .bind(to.as_str())
+    .bind(i64::from(attempt))
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! What operators read and change: one message with its confirms and history,
+//! lists by status, redrive, stats, and retention.
+
+use recheck::message::{Outcome, now_ms};
+
+use super::{
+    ConfirmRow, MessageRow, RawMessage, Result, Status, Store, Transition, message_from, record_transition,
+    select_messages,
+};
+
+/// Statuses retention may delete.
+const PURGEABLE: &str = "('confirmed', 'void', 'rejected', 'failed')";
+
+impl Store {
+    /// A message with its confirms and its history, oldest first.
+    pub async fn details(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<(MessageRow, Vec<ConfirmRow>, Vec<Transition>)>> {
+        let Some(row) = self.get(message_id).await? else { return Ok(None) };
+        let confirms: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT consumer, outcome, detail, processed_at FROM confirms WHERE message_id = $1 ORDER BY received_at",
+        )
+        .bind(message_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let history: Vec<(i64, Option<String>, String, i64, String)> = sqlx::query_as(
+            "SELECT at, from_status, to_status, attempt, reason FROM history WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(message_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let confirms = confirms
+            .into_iter()
+            .map(|(consumer, outcome, detail, processed_at)| ConfirmRow {
+                consumer,
+                outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Processed),
+                detail,
+                processed_at,
+            })
+            .collect();
+        let history = history
+            .into_iter()
+            .map(|(at, from, to, attempt, reason)| Transition {
+                at,
+                from: from.as_deref().and_then(Status::parse),
+                to: Status::parse(&to).unwrap_or(Status::Pending),
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                reason,
+            })
+            .collect();
+        Ok(Some((row, confirms, history)))
+    }
+
+    /// A page of messages (by id, which for UUIDv7 is creation order), optionally
+    /// of one status; the second value is the id to continue after.
+    pub async fn list(
+        &self,
+        status: Option<Status>,
+        page_size: u32,
+        after: &str,
+    ) -> Result<(Vec<MessageRow>, Option<String>)> {
+        let limit = i64::from(page_size.clamp(1, 1000));
+        let raw: Vec<RawMessage> = match status {
+            Some(status) => {
+                sqlx::query_as(select_messages!(
+                    "WHERE status = $1 AND message_id > $2 ORDER BY message_id LIMIT $3"
+                ))
+                .bind(status.as_str())
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query_as(select_messages!("WHERE message_id > $1 ORDER BY message_id LIMIT $2"))
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        let rows = raw.into_iter().map(message_from).collect::<Result<Vec<_>>>()?;
+        let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.message_id.clone())).flatten();
+        Ok((rows, next))
+    }
+
+    /// `failed` / `rejected` → `pending` at a new attempt with a fresh resend
+    /// budget. Returns the attempt the caller must publish a CHECK for, or
+    /// `None` if the message is not in a redrivable state.
+    pub async fn redrive(&self, message_id: &str) -> Result<Option<MessageRow>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let raw: Option<RawMessage> = sqlx::query_as(select_messages!("WHERE message_id = $1"))
+            .bind(message_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = raw.map(message_from).transpose()? else { return Ok(None) };
+        if !matches!(row.status, Status::Failed | Status::Rejected) {
+            return Ok(None);
+        }
+        let attempt = row.attempt + 1;
+        sqlx::query(
+            "UPDATE messages SET status = 'pending', attempt = $1, scheduled_attempt = $1, resend_count = 0,
+                 first_failure_at = NULL, last_error = NULL, updated_at = $2
+             WHERE message_id = $3 AND attempt = $4 AND status = $5",
+        )
+        .bind(i64::from(attempt))
+        .bind(now)
+        .bind(message_id)
+        .bind(i64::from(row.attempt))
+        .bind(row.status.as_str())
+        .execute(&mut *tx)
+        .await?;
+        record_transition(&mut tx, message_id, Some(row.status), Status::Pending, attempt, "redrive", now)
+            .await?;
+        tx.commit().await?;
+        self.committed();
+        self.get(message_id).await
+    }
+
+    /// Row counts per status (every status, zeros included).
+    pub async fn counts(&self) -> Result<Vec<(Status, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM messages GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(Status::ALL
+            .into_iter()
+            .map(|s| {
+                let n = rows.iter().find(|(name, _)| name == s.as_str()).map_or(0, |(_, n)| *n);
+                (s, u64::try_from(n).unwrap_or(0))
+            })
+            .collect())
+    }
+
+    /// Confirms received and resends made since `since_ms`.
+    pub async fn activity_since(&self, since_ms: i64) -> Result<(u64, u64)> {
+        let confirms: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM confirms WHERE received_at >= $1")
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        let resends: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM history WHERE to_status = 'resent' AND at >= $1")
+                .bind(since_ms)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((u64::try_from(confirms).unwrap_or(0), u64::try_from(resends).unwrap_or(0)))
+    }
+
+    /// Deletes terminal messages (with their confirms and history) not touched
+    /// since `before_ms`; returns how many messages.
+    pub async fn purge(&self, before_ms: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["confirms", "history"] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE message_id IN
+                 (SELECT message_id FROM messages WHERE status IN {PURGEABLE} AND updated_at < $1)"
+            );
+            // Table names and statuses are constants of this file, not input.
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(before_ms).execute(&mut *tx).await?;
+        }
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM messages WHERE status IN {PURGEABLE} AND updated_at < $1"
+        )))
+        .bind(before_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.committed();
+        Ok(done.rows_affected())
+    }
+}
