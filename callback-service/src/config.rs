@@ -4,7 +4,11 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use recheck::{Topology, message::Limits, topology::parse_tiers};
+use recheck::{
+    Topology,
+    message::Limits,
+    topology::{parse_duration, parse_tiers},
+};
 
 use crate::registry::ProducerEntry;
 
@@ -72,7 +76,7 @@ pub struct Config {
     #[arg(long, env = "RECHECK_CONFIRM_PREFETCH", default_value_t = 2000)]
     pub confirm_prefetch: u16,
 
-    /// Most confirms written in one store transaction.
+    /// Most CONFIRM messages (each up to `--max-ids` confirms) written in one store transaction.
     #[arg(long, env = "RECHECK_CONFIRM_BATCH", default_value_t = 1000)]
     pub confirm_batch: usize,
 
@@ -123,21 +127,6 @@ fn parse_producer(s: &str) -> Result<ProducerEntry, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
-/// [`recheck::topology::parse_duration`], plus days: `7d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    match t.strip_suffix('d') {
-        Some(days) if !days.is_empty() && days.bytes().all(|b| b.is_ascii_digit()) => days
-            .parse::<u64>()
-            .ok()
-            .and_then(|d| d.checked_mul(86_400))
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("invalid duration {t:?}")),
-        _ => recheck::topology::parse_duration(t)
-            .map_err(|e| if e.contains("unit") { format!("{e}; or d for days") } else { e }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,14 +139,6 @@ mod tests {
         assert_eq!(c.confirm_linger, Duration::from_millis(5));
         assert_eq!(c.limits().max_ids, 5_000);
         assert_eq!(c.grpc_addr.port(), 0);
-    }
-
-    #[test]
-    fn days_and_units() {
-        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert!(parse_duration("d").is_err());
-        assert!(parse_duration("3w").unwrap_err().contains("days"));
     }
 
     #[test]

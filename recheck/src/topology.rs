@@ -199,20 +199,21 @@ pub fn parse_tiers(s: &str) -> std::result::Result<Vec<Duration>, String> {
     s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(parse_duration).collect()
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+/// Parses `250ms`, `5s`, `2m`, `1h`, `7d` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n * 1_000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m or h)")),
+    let scale: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m, h or d)")),
     };
-    Ok(Duration::from_millis(ms))
+    n.checked_mul(scale).map(Duration::from_millis).ok_or_else(|| format!("duration {s:?} is too long"))
 }
 
 #[cfg(test)]
@@ -234,5 +235,9 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("3w").unwrap_err().contains("or d"));
+        assert!(parse_duration("99999999999999999d").is_err());
     }
 }
