@@ -43,7 +43,7 @@ on_both_stores!(
     confirmed_before_the_check_needs_no_rpc,
     an_unpublished_message_is_resent_once_and_confirmed,
     not_found_is_void,
-    retry_later_is_rechecked_then_resent,
+    retry_later_and_a_down_hook_are_rechecked_then_resent,
     an_unreachable_producer_fails_after_the_deadline,
     no_confirm_means_max_resends_then_failed_and_redrive_recovers,
     rejected_stops_resending_and_a_late_confirm_recovers_a_failed_message,
@@ -92,7 +92,7 @@ async fn not_found_is_void(url: &str) {
     env.shutdown().await;
 }
 
-async fn retry_later_is_rechecked_then_resent(url: &str) {
+async fn retry_later_and_a_down_hook_are_rechecked_then_resent(url: &str) {
     let mut env = Env::start(url, |_| {}).await;
     env.hook.set_mode(Mode::RetryLater);
     let id = env.order("o-busy", false).await;
@@ -101,6 +101,13 @@ async fn retry_later_is_rechecked_then_resent(url: &str) {
     let row = env.row(id).await.unwrap();
     assert_eq!((row.status, row.resend_count), (Status::Pending, 0), "RETRY_LATER is not a resend");
     assert!(row.last_error.unwrap_or_default().contains("maintenance"));
+    // Then the hook is down for a round: an RPC error, also re-checked.
+    env.hook.set_mode(Mode::Down);
+    wait_for("an RPC error recorded", SOON, || async {
+        env.row(id).await.filter(|r| r.last_error.as_deref().unwrap_or_default().contains("shutting down"))
+    })
+    .await;
+    assert_eq!(env.row(id).await.unwrap().status, Status::Pending);
     env.hook.set_mode(Mode::Real);
     env.start_consumer().await;
     env.wait_status(id, Status::Confirmed, SOON).await;

@@ -110,6 +110,14 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let check_rate = args.checks as f64 / started.elapsed().as_secs_f64();
+        let parked = kit
+            .rabbit
+            .ctl(&["list_queues", "-q", "--no-table-headers", "-p", &vhost.name, "name", "messages"])
+            .await?;
+        if let Some(line) = parked.lines().find(|l| l.starts_with(&format!("{}\t", topology.parking_queue())))
+        {
+            anyhow::ensure!(line.ends_with("\t0"), "messages were parked during the run: {line}");
+        }
         println!("| {label} | {} | {confirm_rate:.0} | {} | {check_rate:.0} |", args.confirms, args.checks);
         stop.cancel();
         running.await??;

@@ -36,6 +36,8 @@ pub enum Mode {
     /// Look the order up and republish it (the SDK's real hook).
     Real = 0,
     RetryLater = 1,
+    /// The hook fails as a process that is going down would (gRPC UNAVAILABLE).
+    Down = 2,
 }
 
 /// The producer's committed orders.
@@ -84,8 +86,11 @@ impl ResendHook for SharedHook {
     ) -> Result<tonic::Response<ResendResponse>, tonic::Status> {
         let req = request.into_inner();
         *self.0.calls.lock().unwrap().entry((req.message_id.clone(), req.attempt)).or_default() += 1;
-        let (outcome, reason) = if self.0.mode.load(Ordering::SeqCst) == Mode::RetryLater as u8 {
+        let mode = self.0.mode.load(Ordering::SeqCst);
+        let (outcome, reason) = if mode == Mode::RetryLater as u8 {
             (ResendOutcome::RetryLater, "maintenance".to_owned())
+        } else if mode == Mode::Down as u8 {
+            return Err(tonic::Status::unavailable("shutting down"));
         } else {
             self.0.real.handle(&req).await?
         };
