@@ -1,5 +1,4 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use callback_service::{
     build,
@@ -20,11 +19,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(config)) => *config,
         None => cli.config,
     };
-    let filter = match &config.log {
-        Some(directives) => EnvFilter::try_new(directives)?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    recheck::shutdown::init_tracing(config.log.as_deref())?;
 
     let app = build(config).await?;
 

@@ -1,16 +1,11 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use downstream_demo::{Config, build};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let filter = match &config.log {
-        Some(directives) => EnvFilter::try_new(directives)?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    recheck::shutdown::init_tracing(config.log.as_deref())?;
 
     let app = build(config).await?;
 

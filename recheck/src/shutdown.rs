@@ -1,5 +1,6 @@
-//! Shutdown is an input: a token cancelled on SIGTERM or SIGINT, which every
-//! service loop takes and honours (stop consuming, finish in-flight work).
+//! Service plumbing: shutdown is an input — a token cancelled on SIGTERM or
+//! SIGINT, which every service loop takes and honours (stop consuming, finish
+//! in-flight work); and, with the `service` feature, logging set-up.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -18,4 +19,17 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         cancel.cancel();
     });
     Ok(token)
+}
+
+/// Logs to stderr with `directives` (tracing `EnvFilter` syntax), else
+/// `RUST_LOG`, else `info`.
+#[cfg(feature = "service")]
+pub fn init_tracing(directives: Option<&str>) -> Result<(), tracing_subscriber::filter::ParseError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match directives {
+        Some(d) => EnvFilter::try_new(d)?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    Ok(())
 }
