@@ -109,8 +109,12 @@ impl std::ops::AddAssign for BatchReport {
     }
 }
 
+/// Decides, per confirm, that it is lost on the way (fault injection).
+type DropConfirm = Box<dyn Fn(&Confirm) -> bool + Send + Sync>;
+
 pub struct ConsumerLoop<E> {
     pool: AnyPool,
+    drop_confirm: Option<DropConfirm>,
     inbox: Inbox,
     confirmer: Confirmer,
     publisher: Publisher,
@@ -129,7 +133,15 @@ impl<E: Effect> ConsumerLoop<E> {
         config: ConsumerConfig,
     ) -> Self {
         let inbox = Inbox::new(config.consumer.clone());
-        Self { pool, inbox, confirmer, publisher, topology, effect, config }
+        Self { pool, drop_confirm: None, inbox, confirmer, publisher, topology, effect, config }
+    }
+
+    /// Fault injection for demos and tests: confirms for which `drop` is true
+    /// are never published (as if lost), though the effect committed. The
+    /// callback service must then resend, and the inbox absorb the duplicate.
+    pub fn dropping_confirms(mut self, drop: impl Fn(&Confirm) -> bool + Send + Sync + 'static) -> Self {
+        self.drop_confirm = Some(Box::new(drop));
+        self
     }
 
     /// Consumes until `shutdown`; the batch in hand is finished first.
@@ -171,7 +183,12 @@ impl<E: Effect> ConsumerLoop<E> {
             }
         }
         let settled = match self.commit(&mut pending, &mut report).await {
-            Ok(confirms) => self.confirmer.confirm_all(confirms).await,
+            Ok(mut confirms) => {
+                if let Some(drop) = &self.drop_confirm {
+                    confirms.retain(|c| !drop(c));
+                }
+                self.confirmer.confirm_all(confirms).await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = settled {

@@ -20,6 +20,8 @@ pub const INBOX_SCHEMA: &[&str] = &[
         message_id TEXT NOT NULL,
         outcome TEXT NOT NULL,
         detail TEXT,
+        -- Deliveries of this message id seen by this consumer (1 = no duplicate).
+        seen BIGINT NOT NULL DEFAULT 1,
         processed_at BIGINT NOT NULL,
         PRIMARY KEY (consumer, message_id)
     )",
@@ -57,18 +59,33 @@ impl Inbox {
     /// Claims the message inside `tx`. `true`: first time, apply the effect.
     /// `false`: already processed (or being processed by a transaction that
     /// committed first: the unique key makes the second one wait, then lose).
+    /// Each duplicate is counted on the row (`seen`), with the transaction.
     pub async fn claim(&self, tx: &mut AnyConnection, message_id: Uuid) -> Result<bool> {
-        let done = sqlx::query(
+        let seen: i64 = sqlx::query_scalar(
             "INSERT INTO recheck_inbox (consumer, message_id, outcome, processed_at)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, message_id) DO UPDATE SET seen = recheck_inbox.seen + 1
+             RETURNING seen",
         )
         .bind(&self.consumer)
         .bind(message_id.to_string())
         .bind(Outcome::Processed.as_str())
         .bind(now_ms())
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(seen == 1)
+    }
+
+    /// Messages processed once, and duplicate deliveries absorbed, so far.
+    pub async fn counts(&self, pool: &AnyPool) -> Result<(i64, i64)> {
+        // CAST: PostgreSQL sums BIGINT as NUMERIC, which the `Any` driver cannot decode.
+        let (messages, duplicates): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(seen - 1), 0) AS BIGINT) FROM recheck_inbox WHERE consumer = $1",
+        )
+                .bind(&self.consumer)
+                .fetch_one(pool)
+                .await?;
+        Ok((messages, duplicates))
     }
 
     /// Records a business rejection for a claimed message, so a redelivery

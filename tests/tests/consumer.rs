@@ -132,6 +132,8 @@ async fn run_consumer_cases(store: &Store) {
     assert_eq!(points_rows(store, "o-dup").await, 1, "{label}: duplicate applied twice");
     assert_eq!(points_rows(store, "flaky-1").await, 1, "{label}: flaky message lost or doubled");
     assert_eq!(points_rows(store, "bad-1").await, 0, "{label}: rejected message applied");
+    // The inbox counts what it absorbed; the rolled-back flaky attempt left no trace.
+    assert_eq!(Inbox::new("points").counts(&store.pool).await.unwrap(), (3, 1), "{label}");
 
     // The poison message is parked with a reason, and the consumer's queue is empty.
     let parked = Drain::new(&channel, &topology.parking_queue()).await.next(Duration::from_secs(10)).await;
