@@ -12,6 +12,7 @@ use callback_service::store::Status;
 use harness::{Env, Mode};
 use lapin::types::AMQPValue;
 use recheck::message::{Check, CheckBatch, Confirm, ConfirmBatch, HEADER_PARK_REASON, Outcome, now_ms};
+use recheck_proto::v1 as pb;
 use uuid::Uuid;
 
 use common::{Drain, wait_for};
@@ -50,6 +51,8 @@ on_both_stores!(
     duplicated_checks_and_two_instances_resend_each_attempt_once,
     malformed_bodies_are_parked_and_the_rest_still_reconciles,
     thousands_of_confirms_take_few_transactions,
+    an_unknown_producer_fails_visibly,
+    retention_purges_only_old_terminal_rows,
 );
 
 async fn confirmed_before_the_check_needs_no_rpc(url: &str) {
@@ -139,6 +142,18 @@ async fn no_confirm_means_max_resends_then_failed_and_redrive_recovers(url: &str
     assert_eq!(env.hook.calls_for(id), vec![(1, 1), (2, 1)]);
 
     let mut admin = admin_client(&env).await;
+    let failed = pb::MessageStatus::Failed as i32;
+    let listed = admin
+        .list_messages(pb::ListMessagesRequest { status: failed, page_size: 10, page_token: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.messages.iter().map(|m| m.message_id.clone()).collect::<Vec<_>>(), [id.to_string()]);
+    let stats = admin.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert!(stats.counts.iter().any(|c| c.status == failed && c.count == 1), "{stats:?}");
+    let shown =
+        admin.get_message(pb::GetMessageRequest { message_id: id.to_string() }).await.unwrap().into_inner();
+    assert_eq!(shown.history.len(), 3, "two resends and the failure: {shown:?}");
     let redriven = admin
         .redrive(recheck_proto::v1::RedriveRequest { message_id: id.to_string() })
         .await
@@ -284,6 +299,53 @@ async fn thousands_of_confirms_take_few_transactions(url: &str) {
     eprintln!("3000 confirms in {transactions} transactions");
     assert!(transactions <= 30, "3000 confirms took {transactions} transactions");
     env.shutdown().await;
+}
+
+async fn an_unknown_producer_fails_visibly(url: &str) {
+    let env = Env::start(url, |_| {}).await;
+    let id = Uuid::now_v7();
+    let check = Check {
+        message_id: id,
+        routing_key: "order.created".into(),
+        business_key: "g-1".into(),
+        attempt: 0,
+        published_at: now_ms(),
+        expect: None,
+    };
+    let batch = CheckBatch::new("ghost", vec![check]);
+    recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let row = env.wait_status(id, Status::Failed, SOON).await;
+    assert_eq!(row.last_error.as_deref(), Some("unknown producer \"ghost\""));
+    assert_eq!(env.hook.total_calls(), 0);
+    env.shutdown().await;
+}
+
+async fn retention_purges_only_old_terminal_rows(url: &str) {
+    let store = callback_service::store::Store::connect(url).await.unwrap();
+    let (done, open) = (Uuid::now_v7(), Uuid::now_v7());
+    let confirm =
+        Confirm { message_id: done, outcome: Outcome::Processed, detail: None, processed_at: now_ms() };
+    store.ingest_confirms(&[("points".into(), confirm)]).await.unwrap();
+    let check = Check {
+        message_id: open,
+        routing_key: "order.created".into(),
+        business_key: "o".into(),
+        attempt: 0,
+        published_at: now_ms(),
+        expect: None,
+    };
+    store.record_check("orders", &check).await.unwrap();
+    assert_eq!(store.purge(now_ms() - 60_000).await.unwrap(), 0, "a fresh row was purged");
+    assert_eq!(store.purge(now_ms() + 1).await.unwrap(), 1);
+    assert!(store.get(&done.to_string()).await.unwrap().is_none());
+    assert!(store.details(&done.to_string()).await.unwrap().is_none());
+    assert_eq!(
+        store.get(&open.to_string()).await.unwrap().unwrap().status,
+        Status::Pending,
+        "pending purged"
+    );
 }
 
 async fn admin_client(env: &Env) -> recheck_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {
