@@ -1,37 +1,46 @@
-//! Build, then run: [`build`] does everything that can fail at start (broker,
-//! topology, the consumer's queue), so [`App::run`] only works until told to stop.
+//! Build, then run: [`build`] does everything that can fail at start (store,
+//! broker, topology, the consumer's queue), so [`App::run`] only consumes
+//! until told to stop.
+
+use std::sync::Arc;
 
 use anyhow::Context;
-use lapin::Connection;
+use recheck::{
+    Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, PublisherConfig, Topology,
+};
+use sqlx::AnyPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::Config;
+use crate::{Config, effect::AwardPoints, faults::Faults, store};
 
 /// The event type (routing key) this consumer handles.
 pub const EVENT: &str = "order.created";
 
-/// A started downstream demo: connected, topology and consumer queue declared.
+/// A started downstream demo: store open, broker connected, queues declared.
 pub struct App {
     config: Config,
-    connection: Connection,
+    pool: AnyPool,
+    publisher: Publisher,
+    topology: Topology,
 }
 
-/// Connects to RabbitMQ and declares the topology and the consumer's queue.
+/// Opens the store, connects to RabbitMQ, declares the topology and the consumer's queue.
 pub async fn build(config: Config) -> anyhow::Result<App> {
+    let pool = store::connect(&config.store.database_url).await?;
     // lapin retries an unreachable broker with backoff (minutes) before it fails.
     tracing::info!("connecting to RabbitMQ");
-    let connection = recheck::publisher::connect(&config.amqp_url, "downstream-demo")
+    let publisher = Publisher::connect(PublisherConfig::new(&config.amqp_url, "downstream-demo"))
         .await
         .context("connecting to RabbitMQ")?;
-    let channel = connection.create_channel().await?;
+    let channel = publisher.create_channel().await?;
     let topology = config.topology();
     topology.declare(&channel).await.context("declaring the topology")?;
     topology
-        .declare_consumer_queue(&channel, &config.queue, &[EVENT])
+        .declare_consumer_queue(&channel, &config.queue, &[crate::EVENT])
         .await
         .with_context(|| format!("declaring the consumer queue {}", config.queue))?;
     channel.close(200, "topology declared".into()).await?;
-    Ok(App { config, connection })
+    Ok(App { config, pool, publisher, topology })
 }
 
 impl App {
@@ -39,13 +48,45 @@ impl App {
         &self.config
     }
 
-    /// Runs until `shutdown` is cancelled, then closes the broker connection.
+    /// The points store (tests and `stats` read it).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Consumes until `shutdown` is cancelled; the batch in hand is finished
+    /// (committed, confirmed, acked) first, the rest is left to redelivery.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        tracing::info!(consumer = %self.config.consumer, queue = %self.config.queue, "downstream demo started");
-        shutdown.cancelled().await;
-        if let Err(e) = self.connection.close(200, "shutting down".into()).await {
-            tracing::debug!(error = %e, "closing the broker connection");
+        let c = &self.config;
+        let faults = Arc::new(Faults::new(&c.faults));
+        if faults.any() {
+            tracing::warn!(faults = ?c.faults, seed = faults.seed(), "fault injection on");
         }
+        let mut consumer = ConsumerConfig::new(&c.store.consumer, &c.queue);
+        consumer.prefetch = c.prefetch;
+        consumer.batch_size = usize::from(c.batch_size);
+        let confirmer = Confirmer::new(
+            self.publisher.clone(),
+            self.topology.clone(),
+            &c.store.consumer,
+            GroupCommitConfig::default(),
+        );
+        let mut consumer = ConsumerLoop::new(
+            self.pool.clone(),
+            self.publisher.clone(),
+            self.topology.clone(),
+            confirmer,
+            AwardPoints::new(faults.clone()),
+            consumer,
+        );
+        if faults.drops_confirms() {
+            consumer = consumer.dropping_confirms(move |_| faults.drop_confirm_now());
+        }
+
+        tracing::info!(consumer = %c.store.consumer, queue = %c.queue, "downstream demo started");
+        let report = consumer.run(shutdown).await.context("consuming")?;
+        tracing::info!(?report, "consumer stopped");
+        self.publisher.close().await;
+        self.pool.close().await;
         Ok(())
     }
 }

@@ -1,13 +1,46 @@
 //! Typed configuration: each flag can also be set by the environment variable
-//! named in `--help`.
+//! named in `--help`. [`Cli`] picks the subcommand; bare `downstream-demo`
+//! (flags and all) means `serve`.
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use recheck::{Topology, topology::parse_tiers};
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "downstream-demo", version, about = "Recheck demo consumer: awards points once per order")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve`'s flags, so that `downstream-demo --fail-rate 0.1` works too.
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Consume `order.created` and award points until SIGTERM / SIGINT (the default).
+    Serve(Config),
+    /// Print what the store holds: orders with points, inbox counts, rejections.
+    Stats(StatsArgs),
+}
+
+/// Where the points and the inbox live; shared by `serve` and `stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Points store and inbox: `sqlite://…` (embedded) or `postgres://…`.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://downstream-demo.db?mode=rwc")]
+    pub database_url: String,
+
+    /// Consumer name, written into each CONFIRM and matched against a check's `expect`.
+    #[arg(long, env = "RECHECK_CONSUMER", default_value = "points")]
+    pub consumer: String,
+}
+
+/// `serve`: the consumer service.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "downstream-demo")]
 pub struct Config {
     /// RabbitMQ URL (the vhost is the URL-encoded path).
     #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -21,26 +54,108 @@ pub struct Config {
     #[arg(long, env = "RECHECK_DELAY_TIERS", default_value = "5s,30s,2m,10m,1h", value_parser = parse_tiers)]
     pub delay_tiers: ::std::vec::Vec<Duration>,
 
-    /// Points store and inbox: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://downstream-demo.db?mode=rwc")]
-    pub database_url: String,
-
-    /// Consumer name, written into each CONFIRM and matched against a check's `expect`.
-    #[arg(long, env = "RECHECK_CONSUMER", default_value = "points")]
-    pub consumer: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
 
     /// This consumer's queue, bound to the events exchange by `order.created`.
     #[arg(long, env = "RECHECK_QUEUE", default_value = "points.order-created")]
     pub queue: String,
+
+    /// Unacked deliveries the broker hands out at once.
+    #[arg(long, env = "RECHECK_PREFETCH", default_value_t = 256)]
+    pub prefetch: u16,
+
+    /// Most deliveries handled in one transaction (and confirmed in one CONFIRM).
+    #[arg(long, env = "RECHECK_BATCH_SIZE", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+
+    #[command(flatten)]
+    pub faults: FaultArgs,
 
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]
     pub log: Option<String>,
 }
 
+/// Fault injection, all off by default: the demo shows Recheck repairing them.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FaultArgs {
+    /// Fraction of deliveries whose transaction fails before commit (rolled back, redelivered).
+    #[arg(long, env = "RECHECK_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub fail_rate: f64,
+
+    /// Fraction of orders refused as "customer blocked" (chosen by message id, so stable).
+    #[arg(long, env = "RECHECK_REJECT_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub reject_rate: f64,
+
+    /// Extra time spent on each message inside the transaction, in milliseconds.
+    #[arg(long, env = "RECHECK_SLOW_MS", default_value_t = 0)]
+    pub slow_ms: u64,
+
+    /// Fraction of CONFIRMs never sent though the points were awarded (the callback resends).
+    #[arg(long, env = "RECHECK_DROP_CONFIRM_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub drop_confirm_rate: f64,
+
+    /// Seed of the fault dice (fail, drop-confirm); random when unset.
+    #[arg(long, env = "RECHECK_SEED")]
+    pub seed: Option<u64>,
+}
+
+/// `stats`: read-only, needs only the store.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 impl Config {
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
         Topology::new(self.prefix.clone(), self.delay_tiers.clone())
+    }
+}
+
+/// A probability: a number from 0 to 1.
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s.trim().parse().map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if (0.0..=1.0).contains(&f) { Ok(f) } else { Err(format!("{f} is not between 0.0 and 1.0")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractions_are_bounded() {
+        assert_eq!(parse_fraction("0.25"), Ok(0.25));
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        assert!(parse_fraction("1.5").is_err());
+        assert!(parse_fraction("-0.1").is_err());
+        assert!(parse_fraction("NaN").is_err());
+        assert!(parse_fraction("lots").is_err());
+    }
+
+    #[test]
+    fn bare_flags_mean_serve_and_stats_takes_its_own() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["downstream-demo", "--fail-rate", "0.1", "--seed", "7"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.faults.fail_rate, 0.1);
+        assert_eq!(cli.serve.faults.seed, Some(7));
+
+        let cli = Cli::try_parse_from(["downstream-demo", "stats", "--json", "--consumer", "c"]).unwrap();
+        match cli.command {
+            Some(Command::Stats(args)) => assert!(args.json && args.store.consumer == "c"),
+            other => panic!("expected stats, got {other:?}"),
+        }
+
+        let cli = Cli::try_parse_from(["downstream-demo", "serve", "--batch-size", "8"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(c)) if c.batch_size == 8));
+        assert!(Cli::try_parse_from(["downstream-demo", "serve", "--batch-size", "0"]).is_err());
     }
 }

@@ -21,7 +21,7 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
-/// Logs to stderr with `directives` (tracing `EnvFilter` syntax), else
+/// Logs to stderr (stdout is for command output) with `directives` (tracing `EnvFilter` syntax), else
 /// `RUST_LOG`, else `info`.
 #[cfg(feature = "service")]
 pub fn init_tracing(directives: Option<&str>) -> Result<(), tracing_subscriber::filter::ParseError> {
@@ -30,6 +30,6 @@ pub fn init_tracing(directives: Option<&str>) -> Result<(), tracing_subscriber::
         Some(d) => EnvFilter::try_new(d)?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     Ok(())
 }

@@ -15,6 +15,8 @@
 //! - [`postgres`] — the database server: a private cluster or one from the environment; databases.
 //! - `watchdog` — runs each private server under a `sh` watchdog that stops it and deletes its
 //!   files once the owning process is gone (statics are never dropped).
+//! - [`demo`] — the demo flow (three service processes, a load with faults, the report), shared by
+//!   `bin/demo.rs` (`scripts/demo`) and the `demo_flow` suite.
 //! - `ports` — free TCP ports; `urls` — the little URL editing the kit needs.
 //! - `bin/testkit.rs` — `testkit up --env-file F`: one broker and one cluster for a whole
 //!   `scripts/test` run, announced to every test process through the environment below.
@@ -60,6 +62,7 @@ macro_rules! url_newtype {
     };
 }
 
+pub mod demo;
 mod ports;
 pub mod postgres;
 pub mod rabbit;

@@ -1,40 +1,50 @@
-//! Build, then run: [`build`] does everything that can fail at start (broker,
-//! topology, listener), so [`App::run`] only serves until it is told to stop.
+//! Build, then run: [`build`] does everything that can fail at start (store,
+//! broker, topology, listener), so [`App::run`] only serves until it is told to stop.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use lapin::Connection;
+use recheck::{Producer, ProducerConfig, Publisher, PublisherConfig, ResendHookService};
+use recheck_proto::demo::v1::orders_server::OrdersServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::Config;
+use crate::{Config, OrdersService, Store};
 
-/// A started upstream demo: connected, topology declared, listener bound.
+/// A started order service: store open, broker connected, topology declared, listener bound.
 pub struct App {
     config: Config,
-    connection: Connection,
+    store: Store,
+    producer: Producer,
     listener: TcpListener,
     grpc_addr: SocketAddr,
 }
 
-/// Connects to RabbitMQ, declares the topology and binds the gRPC listener.
+/// Opens the store, connects to RabbitMQ, declares the topology and binds the gRPC listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
+    let store = Store::connect(&config.database_url).await.context("opening the order store")?;
+
     // lapin retries an unreachable broker with backoff (minutes) before it fails.
     tracing::info!("connecting to RabbitMQ");
-    let connection = recheck::publisher::connect(&config.amqp_url, "upstream-demo")
+    let publisher = Publisher::connect(PublisherConfig::new(&config.amqp_url, "upstream-demo"))
         .await
         .context("connecting to RabbitMQ")?;
-    let channel = connection.create_channel().await?;
-    config.topology().declare(&channel).await.context("declaring the topology")?;
+    let topology = config.topology();
+    let channel = publisher.create_channel().await?;
+    topology.declare(&channel).await.context("declaring the topology")?;
     channel.close(200, "topology declared".into()).await?;
+    let producer = Producer::new(
+        publisher,
+        topology,
+        ProducerConfig { check_delay: config.check_delay, ..ProducerConfig::new(&config.producer_name) },
+    );
 
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    Ok(App { config, connection, listener, grpc_addr })
+    Ok(App { config, store, producer, listener, grpc_addr })
 }
 
 impl App {
@@ -47,17 +57,28 @@ impl App {
         &self.config
     }
 
-    /// Serves gRPC until `shutdown` is cancelled, then closes the broker connection.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves `Orders`, `ResendHook` and health until `shutdown` is cancelled; in-flight
+    /// requests finish first, then the broker connection closes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let (_health_reporter, health) = tonic_health::server::health_reporter();
-        tracing::info!(grpc_addr = %self.grpc_addr, "upstream demo started");
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<OrdersServer<OrdersService>>().await;
+        // Recheck: the hook the callback service calls for unconfirmed messages.
+        let hook =
+            ResendHookService::new(Arc::new(self.store.clone()), self.producer.clone(), self.config.grace);
+        let orders = OrdersService::new(self.store.clone(), self.producer.clone());
+
+        tracing::info!(grpc_addr = %self.grpc_addr, producer = %self.config.producer_name, "upstream demo started");
         let served = Server::builder()
             .add_service(health)
+            .add_service(hook.into_server())
+            .add_service(OrdersServer::new(orders))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown.cancelled_owned())
             .await;
-        if let Err(e) = self.connection.close(200, "shutting down".into()).await {
-            tracing::debug!(error = %e, "closing the broker connection");
-        }
+        self.producer.publisher().close().await;
         served.context("serving gRPC")
     }
 }

@@ -1,17 +1,16 @@
 //! Typed configuration: each flag can also be set by the environment variable
-//! named in `--help`.
+//! named in `--help`. Durations take `ms`, `s`, `m`, `h` or `d` (a bare number is seconds).
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use recheck::{Topology, topology::parse_tiers};
+use recheck::{
+    Topology,
+    topology::{parse_duration, parse_tiers},
+};
 
+/// Settings of `upstream-demo serve` (the default command).
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "upstream-demo",
-    version,
-    about = "Recheck demo producer: publishes orders, serves the resend hook"
-)]
 pub struct Config {
     /// RabbitMQ URL (the vhost is the URL-encoded path).
     #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -29,9 +28,22 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://upstream-demo.db?mode=rwc")]
     pub database_url: String,
 
-    /// Address of the gRPC listener (`ResendHook`, health); port 0 picks a free port.
+    /// Address of the gRPC listener (`Orders`, `ResendHook`, health); port 0 picks a free port.
     #[arg(long, env = "RECHECK_GRPC_ADDR", default_value = "127.0.0.1:50061")]
     pub grpc_addr: SocketAddr,
+
+    /// This producer's name, as registered in the callback service (`--producers NAME=URL`).
+    #[arg(long, env = "RECHECK_PRODUCER", default_value = "orders")]
+    pub producer_name: String,
+
+    /// Delay of each order's first CHECK (rounded up to a delay tier).
+    #[arg(long, env = "RECHECK_CHECK_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub check_delay: Duration,
+
+    /// A resend asked for an order that is not in the store yet, younger than this, answers
+    /// RETRY_LATER (its transaction may still be committing); older, NOT_FOUND (→ `void`).
+    #[arg(long, env = "RECHECK_GRACE", default_value = "1m", value_parser = parse_duration)]
+    pub grace: Duration,
 
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]

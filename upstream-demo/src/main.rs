@@ -1,10 +1,26 @@
 use clap::Parser;
 
-use upstream_demo::{Config, build};
+use upstream_demo::{
+    build,
+    cli::{Cli, Command},
+    load,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        Some(Command::Load(config)) => {
+            // No log subscriber: it would write to stdout, where the report goes.
+            if let Err(e) = load::run(config).await {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        Some(Command::Serve(config)) => *config,
+        None => cli.config,
+    };
     recheck::shutdown::init_tracing(config.log.as_deref())?;
 
     let app = build(config).await?;

@@ -31,7 +31,7 @@ impl Store {
         let id = id_text(check.message_id);
         let now = now_ms();
         let attempt = i64::from(check.attempt);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO messages (message_id, producer, routing_key, business_key, expect, status, attempt,
                  scheduled_attempt, published_at, created_at, updated_at)
@@ -87,7 +87,7 @@ impl Store {
     /// and not settled meanwhile (a confirm may have come in during the RPC).
     pub async fn finish(&self, message_id: &str, attempt: u32, outcome: &AttemptOutcome) -> Result<bool> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let row = fetch(&mut tx, message_id).await?;
         if row.attempt != attempt {
             return Ok(false);

@@ -22,7 +22,7 @@ impl Store {
     pub async fn ingest_confirms(&self, batch: &[(String, Confirm)]) -> Result<IngestReport> {
         let mut report = IngestReport { confirms: batch.len(), ..Default::default() };
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for (consumer, confirm) in batch {
             apply_confirm(&mut tx, consumer, confirm, now, &mut report).await?;
         }

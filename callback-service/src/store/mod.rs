@@ -113,6 +113,7 @@ pub struct Transition {
 
 pub struct Store {
     pool: AnyPool,
+    sqlite: bool,
     /// Write transactions committed by this process (tests assert batching on it).
     transactions: AtomicU64,
 }
@@ -142,7 +143,7 @@ impl Store {
             .await?;
         let migrator = if sqlite { &SQLITE } else { &POSTGRES };
         migrator.run(&pool).await?;
-        Ok(Self { pool, transactions: AtomicU64::new(0) })
+        Ok(Self { pool, sqlite, transactions: AtomicU64::new(0) })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -152,6 +153,18 @@ impl Store {
     /// Write transactions committed so far by this process.
     pub fn transactions(&self) -> u64 {
         self.transactions.load(Ordering::Relaxed)
+    }
+
+    /// A write transaction. On SQLite it takes the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred one that reads first and writes later fails at
+    /// once with SQLITE_BUSY(_SNAPSHOT) when another writer got in between,
+    /// whatever the busy timeout.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(if self.sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        } else {
+            self.pool.begin().await?
+        })
     }
 
     fn committed(&self) {

@@ -90,7 +90,7 @@ impl Store {
     /// `None` if the message is not in a redrivable state.
     pub async fn redrive(&self, message_id: &str) -> Result<Option<MessageRow>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let raw: Option<RawMessage> = sqlx::query_as(select_messages!("WHERE message_id = $1"))
             .bind(message_id)
             .fetch_optional(&mut *tx)
@@ -151,7 +151,7 @@ impl Store {
     /// Deletes terminal messages (with their confirms and history) not touched
     /// since `before_ms`; returns how many messages.
     pub async fn purge(&self, before_ms: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for table in ["confirms", "history"] {
             let sql = format!(
                 "DELETE FROM {table} WHERE message_id IN

@@ -1,0 +1,216 @@
+//! The points service end to end, started in-process on a fresh vhost and a
+//! fresh SQLite file: orders published with the SDK earn points once, a
+//! duplicate is absorbed, a malformed body is rejected visibly, CONFIRMs reach
+//! `recheck.confirms`; and with every fault on, each order still ends once.
+//! Each case runs on SQLite and on PostgreSQL.
+
+use std::{collections::HashMap, time::Duration};
+
+use clap::Parser;
+use downstream_demo::{Config, Stats, build, faults::blocked};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use recheck::{
+    Producer, ProducerConfig, Publisher, PublisherConfig, Topology,
+    message::{ConfirmBatch, Limits, Outcome},
+    topology::parse_tiers,
+};
+use sqlx::AnyPool;
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A running service and what the test drives it with.
+struct Harness {
+    producer: Producer,
+    pool: AnyPool,
+    confirms: lapin::Consumer,
+    stop: CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the service on a fresh vhost and a fresh SQLite file or PostgreSQL database.
+async fn start(postgres: bool, extra: &[&str]) -> Harness {
+    recheck_tests::init_tracing();
+    let vhost = recheck_tests::kit().await.rabbit.fresh_vhost().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = if postgres {
+        recheck_tests::kit().await.postgres.fresh_database().await.unwrap().url
+    } else {
+        format!("sqlite://{}/points.db?mode=rwc", dir.path().display())
+    };
+    let mut args = vec!["downstream-demo", "--amqp-url", &vhost.url, "--database-url", &db];
+    args.extend(["--delay-tiers", "1s"]);
+    args.extend(extra);
+    let mut config = Config::try_parse_from(args).unwrap();
+    if extra.is_empty() {
+        // A clean run whatever fault variables the environment holds.
+        config.faults = Default::default();
+    }
+    let app = build(config).await.unwrap();
+    let pool = app.pool().clone();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run(stop.clone()));
+
+    let publisher = Publisher::connect(PublisherConfig::new(vhost.url.as_str(), "test")).await.unwrap();
+    let topology = Topology::new("recheck", parse_tiers("1s").unwrap());
+    let channel = publisher.create_channel().await.unwrap();
+    let confirms = channel
+        .basic_consume(
+            topology.confirms_queue().as_str().into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let producer = Producer::new(publisher, topology, ProducerConfig::new("orders"));
+    Harness { producer, pool, confirms, stop, running, _dir: dir }
+}
+
+impl Harness {
+    async fn order(&self, id: Uuid, n: usize, attempt: u32) {
+        let body = format!(r#"{{"order_id":"o-{n}","customer":"c-{}","amount_cents":{}}}"#, n % 3, 1000 + n);
+        self.producer
+            .publish_business(id, "order.created", &format!("o-{n}"), body.as_bytes(), attempt)
+            .await
+            .unwrap();
+    }
+
+    /// Reads CONFIRMs into `seen` (id → outcomes, detail) until `done` holds.
+    async fn confirms_until(&mut self, seen: &mut Seen, done: impl Fn(&Seen) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(seen) {
+            let next = timeout_at(deadline, self.confirms.next()).await.expect("CONFIRMs stopped coming");
+            record(next.unwrap().unwrap(), seen).await;
+        }
+    }
+
+    /// Reads CONFIRMs into `seen` until none came for `quiet`.
+    async fn confirms_until_quiet(&mut self, seen: &mut Seen, quiet: Duration) {
+        while let Ok(next) = tokio::time::timeout(quiet, self.confirms.next()).await {
+            record(next.unwrap().unwrap(), seen).await;
+        }
+    }
+
+    async fn stats_when(&self, done: impl Fn(&Stats) -> bool) -> Stats {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stats = Stats::load(&self.pool, "points").await.unwrap();
+            if done(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "timed out; last stats: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+/// What CONFIRMs said, per message id: outcomes in arrival order, with details.
+type Seen = HashMap<Uuid, Vec<(Outcome, Option<String>)>>;
+
+async fn record(d: lapin::message::Delivery, seen: &mut Seen) {
+    d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    let batch = ConfirmBatch::decode(&d.data, None, Limits::default()).unwrap();
+    assert_eq!(batch.consumer, "points");
+    for c in batch.confirms {
+        seen.entry(c.message_id).or_default().push((c.outcome, c.detail));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awards_points_once_absorbs_a_duplicate_and_confirms() {
+    for postgres in [false, true] {
+        awards_points_once(postgres).await;
+    }
+}
+
+async fn awards_points_once(postgres: bool) {
+    let mut h = start(postgres, &[]).await;
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        h.order(*id, n, 0).await;
+    }
+    // Valid Recheck headers, unreadable body: a business rejection, not a crash.
+    let malformed = Uuid::now_v7();
+    h.producer.publish_business(malformed, "order.created", "o-x", b"not json", 0).await.unwrap();
+
+    let mut seen = Seen::new();
+    h.confirms_until(&mut seen, |s| s.len() == 21).await;
+    for id in &ids {
+        assert_eq!(seen[id], [(Outcome::Processed, None)]);
+    }
+    let (outcome, detail) = &seen[&malformed][0];
+    assert_eq!(*outcome, Outcome::Rejected);
+    assert!(detail.as_deref().unwrap().starts_with("malformed order: "), "{detail:?}");
+
+    // A resend of an order already awarded (as after a lost CONFIRM).
+    h.order(ids[0], 0, 1).await;
+    h.confirms_until(&mut seen, |s| s[&ids[0]].len() == 2).await;
+    assert_eq!(seen[&ids[0]][1], (Outcome::Duplicate, None));
+
+    let stats = h.stats_when(|s| s.duplicates_absorbed == 1).await;
+    let points: i64 = (0..20).map(|n| (1000 + n) / 100).sum();
+    assert_eq!(
+        (stats.orders_with_points, stats.points_awarded, stats.messages, stats.rejected),
+        (20, points, 21, 1)
+    );
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM points").fetch_all(&h.pool).await.unwrap();
+    let mut expected: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let mut rows = rows;
+    rows.sort();
+    expected.sort();
+    assert_eq!(rows, expected);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_fault_on_each_order_ends_once() {
+    for postgres in [false, true] {
+        faults_end_once(postgres).await;
+    }
+}
+
+async fn faults_end_once(postgres: bool) {
+    let rates = ["--fail-rate", "0.3", "--reject-rate", "0.25", "--drop-confirm-rate", "0.3"];
+    let mut args = rates.to_vec();
+    args.extend(["--slow-ms", "2", "--seed", "1", "--batch-size", "8"]);
+    let mut h = start(postgres, &args).await;
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        h.order(*id, n, 0).await;
+    }
+    let blocked_ids: Vec<&Uuid> = ids.iter().filter(|id| blocked(**id, 0.25)).collect();
+
+    // Failed transactions are redelivered until they commit; lost CONFIRMs are
+    // not resent here (no callback service), so count from the store.
+    let stats = h.stats_when(|s| s.messages == 40).await;
+    assert_eq!(stats.rejected, blocked_ids.len() as i64);
+    assert_eq!(stats.orders_with_points, 40 - blocked_ids.len() as i64);
+    assert_eq!(stats.duplicates_absorbed, 0, "a rolled-back attempt must leave no trace");
+
+    // Whatever CONFIRMs did arrive agree with the id-based reject decision.
+    let mut seen = Seen::new();
+    h.confirms_until_quiet(&mut seen, Duration::from_secs(1)).await;
+    assert!(!seen.is_empty() && seen.len() < 40, "about 30% of CONFIRMs are dropped: {}", seen.len());
+    for (id, outcomes) in &seen {
+        let want = if blocked(*id, 0.25) { Outcome::Rejected } else { Outcome::Processed };
+        assert!(outcomes.iter().all(|(o, _)| *o == want), "{id}: {outcomes:?}");
+    }
+
+    // A resend of a blocked order is rejected again, never awarded.
+    if let Some(id) = blocked_ids.first() {
+        let n = ids.iter().position(|i| i == *id).unwrap();
+        h.order(**id, n, 1).await;
+        let stats = h.stats_when(|s| s.duplicates_absorbed == 1).await;
+        assert_eq!(stats.orders_with_points, 40 - blocked_ids.len() as i64);
+    }
+    h.stop().await;
+}

@@ -1,0 +1,151 @@
+//! `upstream-demo load`: a client of a running order service. It creates orders
+//! (some with injected faults), waits until the callback service has settled
+//! every message, reads the consumer's points table and reports what is lost.
+//!
+//! - [`create`]: the orders, at a target rate and concurrency, with latencies;
+//! - [`settle`]: polls `Admin.GetMessage` until each message is terminal;
+//! - [`points`]: the consumer's store, read-only;
+//! - [`report`]: the counts and the `lost` arithmetic.
+
+pub mod create;
+pub mod points;
+pub mod report;
+pub mod settle;
+
+use std::{io::IsTerminal, time::Duration};
+
+use anyhow::{Context, ensure};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use recheck::topology::parse_duration;
+use recheck_proto::{demo::v1::orders_client::OrdersClient, v1::admin_client::AdminClient};
+use tonic::transport::Endpoint;
+
+pub use report::Report;
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadConfig {
+    /// The order service's gRPC address.
+    #[arg(long, env = "RECHECK_ORDERS_ADDR", default_value = "http://127.0.0.1:50061")]
+    pub addr: String,
+
+    /// Orders to create.
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+
+    /// Target orders per second; 0 = as fast as `--concurrency` allows.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+
+    /// `CreateOrder` calls in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub concurrency: u64,
+
+    /// Fraction (0.0–1.0) of orders committed but never published (fault `SKIP_PUBLISH`).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub skip_publish_rate: f64,
+
+    /// Fraction (0.0–1.0) of orders rolled back after their CHECK (fault `ABORT_AFTER_CHECK`).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub abort_after_check_rate: f64,
+
+    /// Seed of the fault (and amount) choice, so a run can be repeated.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// The callback service's gRPC address (`Admin` API).
+    #[arg(long, env = "RECHECK_ADMIN_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub admin_addr: String,
+
+    /// The consumer's store (`points` table); without it, `lost` is judged from the
+    /// callback service's status alone.
+    #[arg(long, env = "RECHECK_POINTS_DATABASE_URL")]
+    pub points_database_url: Option<String>,
+
+    /// How long to wait for every message to be terminal (`ms`, `s`, `m`, `h`).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub wait: Duration,
+
+    /// Print the report as one JSON object on stdout (and no progress bars).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the load and prints the report (stdout; warnings and progress go to stderr,
+/// so `--json` output stays one parsable object). An error means the run could not be set up
+/// (or the consumer store could not be read); what the run found is never an error.
+pub async fn run(config: LoadConfig) -> anyhow::Result<()> {
+    let report = load(&config).await?;
+    if config.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+/// The whole run, returning the report instead of printing it.
+pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
+    ensure!(
+        config.skip_publish_rate + config.abort_after_check_rate <= 1.0,
+        "--skip-publish-rate plus --abort-after-check-rate must not exceed 1.0"
+    );
+    ensure!(config.rate >= 0.0 && config.rate.is_finite(), "--rate must be ≥ 0");
+    let orders = OrdersClient::connect(config.addr.clone())
+        .await
+        .with_context(|| format!("connecting to the order service at {}", config.addr))?;
+    // Lazy: the callback service may still be starting (or restarting) while orders are created.
+    let admin = Endpoint::from_shared(config.admin_addr.clone())
+        .with_context(|| format!("--admin-addr {:?}", config.admin_addr))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let admin = AdminClient::new(admin);
+    let points = match &config.points_database_url {
+        Some(url) => Some(points::PointsStore::connect(url).await.context("opening the points store")?),
+        None => None,
+    };
+
+    let requests = create::plan(config);
+    let bar = progress(config, requests.len() as u64, "created");
+    let created =
+        create::create_orders(orders, requests, config.rate, config.concurrency as usize, bar).await;
+    if let Some(e) = &created.first_error {
+        eprintln!("warning: {} CreateOrder calls failed; the first: {e}", created.errors);
+    }
+
+    let ids: Vec<String> = created.orders.iter().map(|o| o.message_id.clone()).collect();
+    let bar = progress(config, ids.len() as u64, "settled");
+    let settled = settle::settle(admin, ids, config.wait, bar).await;
+    let awarded = match &points {
+        Some(store) => Some(store.awarded().await.context("reading the points table")?),
+        None => None,
+    };
+
+    let mut report =
+        Report::tally(config.count, &created.orders, created.errors, &settled.statuses, awarded.as_ref());
+    report.throughput_per_s = created.throughput_per_s();
+    report.latency_us = created.latency();
+    report.admin_error = settled.last_error.map(|e| format!("{}: {e}", config.admin_addr));
+    Ok(report)
+}
+
+/// A bar on stderr, hidden when stdout is not a terminal (a script reads it) or with `--json`.
+fn progress(config: &LoadConfig, len: u64, what: &'static str) -> ProgressBar {
+    let target = if config.json || !std::io::stdout().is_terminal() {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let style =
+        ProgressStyle::with_template("{msg:>8} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::with_draw_target(Some(len), target).with_style(style).with_message(what)
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0.0 and 1.0")),
+    }
+}

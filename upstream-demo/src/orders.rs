@@ -1,0 +1,112 @@
+//! `demo.v1.Orders/CreateOrder`: the producer side of Recheck in three steps —
+//! `prepare` (the CHECK is durable) → insert + commit (with the message id) →
+//! `publish` (the business message). Faults from the request skip a step so load
+//! runs can show that the CHECK repairs them.
+
+use recheck::{Event, Producer};
+use recheck_proto::demo::v1::{CreateOrderRequest, CreateOrderResponse, Fault, orders_server::Orders};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::store::{Order, Store, StoreError};
+
+/// The event type consumers bind to.
+pub const ORDER_CREATED: &str = "order.created";
+/// The consumer that must confirm every order (the points service).
+pub const EXPECTED_CONSUMER: &str = "points";
+
+#[derive(Debug, Clone)]
+pub struct OrdersService {
+    store: Store,
+    producer: Producer,
+}
+
+impl OrdersService {
+    pub fn new(store: Store, producer: Producer) -> Self {
+        Self { store, producer }
+    }
+
+    /// One order, callable without gRPC.
+    pub async fn create(&self, req: &CreateOrderRequest) -> Result<CreateOrderResponse, Status> {
+        if req.customer.is_empty() || req.amount_cents < 0 {
+            return Err(Status::invalid_argument("customer must be set and amount_cents must be ≥ 0"));
+        }
+        let fault = req.fault();
+        let order_id = Uuid::now_v7().to_string();
+        let payload = serde_json::json!({
+            "order_id": order_id, "customer": req.customer, "amount_cents": req.amount_cents,
+        })
+        .to_string();
+
+        // 1. Recheck: the CHECK is broker-confirmed before anything commits, so a crash
+        //    from here on is repaired (resent if committed, void if not).
+        let prepared = self
+            .producer
+            .prepare(Event {
+                routing_key: ORDER_CREATED.into(),
+                business_key: order_id.clone(),
+                payload: payload.clone().into_bytes(),
+                expect: Some(vec![EXPECTED_CONSUMER.into()]),
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("publishing the CHECK: {e}")))?;
+        let message_id = prepared.message_id;
+        tracing::Span::current().record("message_id", tracing::field::display(message_id));
+
+        // 2. The business transaction stores the message id with the order.
+        let order = Order {
+            order_id: order_id.clone(),
+            message_id,
+            customer: req.customer.clone(),
+            amount_cents: req.amount_cents,
+            payload,
+            created_at: recheck::message::now_ms(),
+        };
+        let mut tx = self.store.begin().await?;
+        Store::insert(&mut tx, &order).await?;
+        if fault == Fault::AbortAfterCheck {
+            tx.rollback().await.map_err(StoreError::from)?;
+            let message_id = message_id.to_string();
+            return Ok(CreateOrderResponse {
+                order_id: String::new(),
+                message_id,
+                committed: false,
+                published: false,
+            });
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+
+        // 3. Recheck: the business message. A failure here is logged, not returned: the
+        //    order is committed and its CHECK will have it resent.
+        let published = match fault {
+            Fault::SkipPublish => false,
+            _ => match prepared.publish().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(%message_id, error = %e, "publish failed after commit; the CHECK will resend it");
+                    false
+                }
+            },
+        };
+        Ok(CreateOrderResponse { order_id, message_id: message_id.to_string(), committed: true, published })
+    }
+}
+
+#[tonic::async_trait]
+impl Orders for OrdersService {
+    #[tracing::instrument(skip_all, fields(customer = %request.get_ref().customer, message_id), err)]
+    async fn create_order(
+        &self,
+        request: Request<CreateOrderRequest>,
+    ) -> Result<Response<CreateOrderResponse>, Status> {
+        self.create(request.get_ref()).await.map(Response::new)
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        // Safe to fail: the CHECK settles the message either way (resent if the order
+        // committed after all, `void` once the grace period shows it did not).
+        Status::unavailable(format!("order store: {e}"))
+    }
+}

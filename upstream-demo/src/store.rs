@@ -1,0 +1,144 @@
+//! The order store over sqlx `Any`: an embedded SQLite file by default,
+//! PostgreSQL when `DATABASE_URL` says so. One table, created at start with SQL
+//! both backends accept; the Recheck message id is stored with each order so the
+//! resend hook can find the payload again.
+
+use sqlx::{Any, AnyPool, Transaction, any::AnyPoolOptions};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("unsupported database URL {0:?} (use sqlite:// or postgres://)")]
+    Url(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orders (
+    order_id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    customer TEXT NOT NULL,
+    amount_cents BIGINT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at BIGINT NOT NULL)";
+
+/// One order as stored; `payload` is the exact body of its `order.created` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub order_id: String,
+    pub message_id: Uuid,
+    pub customer: String,
+    pub amount_cents: i64,
+    pub payload: String,
+    /// ms since the Unix epoch.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+impl Store {
+    /// Connects and creates the `orders` table if it is missing.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        if !sqlite && !url.starts_with("postgres:") && !url.starts_with("postgresql:") {
+            return Err(StoreError::Url(url.to_owned()));
+        }
+        let pool = AnyPoolOptions::new()
+            // SQLite has one writer anyway; more connections only add lock waits.
+            .max_connections(if sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // WAL lets the resend hook read while orders are being written.
+                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout=10000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        sqlx::query(SCHEMA).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Inserts `order` inside the caller's transaction (it commits or rolls back).
+    pub async fn insert(tx: &mut Transaction<'static, Any>, order: &Order) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO orders (order_id, message_id, customer, amount_cents, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&order.order_id)
+        .bind(order.message_id.to_string())
+        .bind(&order.customer)
+        .bind(order.amount_cents)
+        .bind(&order.payload)
+        .bind(order.created_at)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The stored payload of the order carrying `message_id`, if it was committed.
+    pub async fn payload(&self, message_id: Uuid) -> Result<Option<String>> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT payload FROM orders WHERE message_id = $1")
+            .bind(message_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|(payload,)| payload))
+    }
+
+    /// Committed orders (tests and operators count them).
+    pub async fn count(&self) -> Result<i64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders").fetch_one(&self.pool).await?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn committed_orders_are_found_rolled_back_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("orders.db").display());
+        let store = Store::connect(&url).await.unwrap();
+        let order = |id: &str| Order {
+            order_id: id.into(),
+            message_id: Uuid::now_v7(),
+            customer: "ada".into(),
+            amount_cents: 1250,
+            payload: format!(r#"{{"order_id":"{id}"}}"#),
+            created_at: 1,
+        };
+        let (kept, dropped) = (order("o-1"), order("o-2"));
+
+        let mut tx = store.begin().await.unwrap();
+        Store::insert(&mut tx, &kept).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        Store::insert(&mut tx, &dropped).await.unwrap();
+        tx.rollback().await.unwrap();
+
+        assert_eq!(store.payload(kept.message_id).await.unwrap(), Some(kept.payload));
+        assert_eq!(store.payload(dropped.message_id).await.unwrap(), None);
+        assert_eq!(store.count().await.unwrap(), 1);
+        // Opening again keeps the table (CREATE TABLE IF NOT EXISTS).
+        assert_eq!(Store::connect(&url).await.unwrap().count().await.unwrap(), 1);
+    }
+}
