@@ -107,7 +107,7 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
     };
 
     let requests = create::plan(config);
-    let bar = progress(config, requests.len() as u64, "created");
+    let bar = progress(requests.len() as u64, "created");
     let created =
         create::create_orders(orders, requests, config.rate, config.concurrency as usize, bar).await;
     if let Some(e) = &created.first_error {
@@ -115,7 +115,7 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
     }
 
     let ids: Vec<String> = created.orders.iter().map(|o| o.message_id.clone()).collect();
-    let bar = progress(config, ids.len() as u64, "settled");
+    let bar = progress(ids.len() as u64, "settled");
     let settled = settle::settle(admin, ids, config.wait, bar).await;
     let awarded = match &points {
         Some(store) => Some(store.awarded().await.context("reading the points table")?),
@@ -130,9 +130,10 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// A bar on stderr, hidden when stdout is not a terminal (a script reads it) or with `--json`.
-fn progress(config: &LoadConfig, len: u64, what: &'static str) -> ProgressBar {
-    let target = if config.json || !std::io::stdout().is_terminal() {
+/// A bar on stderr, shown when a person watches stderr: the report on stdout
+/// (human or `--json`) stays clean either way.
+fn progress(len: u64, what: &'static str) -> ProgressBar {
+    let target = if !std::io::stderr().is_terminal() {
         ProgressDrawTarget::hidden()
     } else {
         ProgressDrawTarget::stderr()
