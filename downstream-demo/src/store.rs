@@ -2,8 +2,8 @@
 //! PostgreSQL when `DATABASE_URL` says so. It holds the SDK's inbox and one
 //! table of our own, `points`, written in the inbox's transaction.
 
-use anyhow::{Context, bail};
-use sqlx::{AnyConnection, AnyPool, any::AnyPoolOptions};
+use anyhow::Context;
+use sqlx::{AnyConnection, AnyPool};
 
 use crate::order::Order;
 
@@ -18,28 +18,8 @@ const POINTS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS points (
 
 /// Connects and creates the inbox and `points` tables if they are missing.
 pub async fn connect(url: &str) -> anyhow::Result<AnyPool> {
-    sqlx::any::install_default_drivers();
-    let sqlite = url.starts_with("sqlite:");
-    if !sqlite && !url.starts_with("postgres:") && !url.starts_with("postgresql:") {
-        bail!("unsupported database URL {url:?} (use sqlite:// or postgres://)");
-    }
-    let pool = AnyPoolOptions::new()
-        // SQLite has one writer anyway; more connections only add lock waits.
-        .max_connections(if sqlite { 4 } else { 16 })
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                if sqlite {
-                    // WAL lets `stats` read while batches are being written; the
-                    // busy timeout makes a writer wait for the lock instead of failing.
-                    sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA busy_timeout=10000").execute(&mut *conn).await?;
-                }
-                Ok(())
-            })
-        })
-        .connect(url)
-        .await
-        .with_context(|| format!("opening the points store {url}"))?;
+    let (pool, _) =
+        recheck::db::connect(url).await.with_context(|| format!("opening the points store {url}"))?;
     recheck::Inbox::migrate(&pool).await.context("creating the inbox table")?;
     sqlx::query(POINTS_SCHEMA).execute(&pool).await.context("creating the points table")?;
     Ok(pool)

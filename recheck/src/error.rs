@@ -15,6 +15,8 @@ pub enum Error {
     Unroutable { exchange: String, routing_key: String },
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("unsupported database URL {0:?} (use sqlite:// or postgres://)")]
+    UnsupportedDatabase(String),
     #[error("malformed message: {0}")]
     Decode(#[from] crate::message::DecodeError),
     #[error("encode: {0}")]

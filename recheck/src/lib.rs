@@ -11,12 +11,14 @@
 //! - [`producer`]: `prepare` → commit → `publish`; also the seed order.
 //! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
 //! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
+//! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way.
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
 
 pub mod confirmer;
 pub mod consume;
+pub mod db;
 mod error;
 pub mod group_commit;
 pub mod hook;

@@ -3,14 +3,15 @@
 //! both backends accept; the Recheck message id is stored with each order so the
 //! resend hook can find the payload again.
 
-use sqlx::{Any, AnyPool, Transaction, any::AnyPoolOptions};
+use sqlx::{Any, AnyPool, Transaction};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("unsupported database URL {0:?} (use sqlite:// or postgres://)")]
+    /// The URL names no backend we support (the SDK's message says which).
+    #[error("{0}")]
     Url(String),
 }
 
@@ -44,26 +45,11 @@ pub struct Store {
 impl Store {
     /// Connects and creates the `orders` table if it is missing.
     pub async fn connect(url: &str) -> Result<Self> {
-        sqlx::any::install_default_drivers();
-        let sqlite = url.starts_with("sqlite:");
-        if !sqlite && !url.starts_with("postgres:") && !url.starts_with("postgresql:") {
-            return Err(StoreError::Url(url.to_owned()));
-        }
-        let pool = AnyPoolOptions::new()
-            // SQLite has one writer anyway; more connections only add lock waits.
-            .max_connections(if sqlite { 4 } else { 16 })
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if sqlite {
-                        // WAL lets the resend hook read while orders are being written.
-                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout=10000").execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(url)
-            .await?;
+        // WAL (set by the SDK) lets the resend hook read while orders are being written.
+        let (pool, _) = recheck::db::connect(url).await.map_err(|e| match e {
+            recheck::Error::Db(e) => StoreError::from(e),
+            other => StoreError::Url(other.to_string()),
+        })?;
         sqlx::query(SCHEMA).execute(&pool).await?;
         Ok(Self { pool })
     }

@@ -15,7 +15,7 @@ mod queries;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use recheck::message::Outcome;
-use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+use sqlx::{AnyPool, migrate::Migrator};
 use uuid::Uuid;
 
 pub use checks::{AttemptOutcome, CheckView};
@@ -30,7 +30,7 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database URL {0:?} (use sqlite:// or postgres://)")]
+    #[error("{0}")]
     Url(String),
     #[error("corrupt row for {0}: {1}")]
     Corrupt(String, String),
@@ -121,26 +121,11 @@ pub struct Store {
 impl Store {
     /// Connects and applies the migrations for the URL's backend.
     pub async fn connect(url: &str) -> Result<Self> {
-        sqlx::any::install_default_drivers();
-        let sqlite = url.starts_with("sqlite:");
-        if !sqlite && !url.starts_with("postgres:") && !url.starts_with("postgresql:") {
-            return Err(StoreError::Url(url.to_owned()));
-        }
-        let pool = AnyPoolOptions::new()
-            // SQLite has one writer anyway; more connections only add lock waits.
-            .max_connections(if sqlite { 4 } else { 16 })
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if sqlite {
-                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous=NORMAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout=10000").execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(url)
-            .await?;
+        let (pool, backend) = recheck::db::connect(url).await.map_err(|e| match e {
+            recheck::Error::Db(e) => StoreError::Db(e),
+            other => StoreError::Url(other.to_string()),
+        })?;
+        let sqlite = backend == recheck::db::Backend::Sqlite;
         let migrator = if sqlite { &SQLITE } else { &POSTGRES };
         migrator.run(&pool).await?;
         Ok(Self { pool, sqlite, transactions: AtomicU64::new(0) })
