@@ -14,6 +14,7 @@ use tonic::transport::Server;
 use crate::{
     Config,
     admin::AdminService,
+    backlog::Backlog,
     ingest::{ConfirmIngest, IngestCounters},
     reconcile::{Policy, Reconciler},
     registry::ProducerRegistry,
@@ -67,7 +68,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let c = &self.config;
         let topology = c.topology();
-        let reconciler = Arc::new(Reconciler::new(
+        let mut reconciler = Reconciler::new(
             self.store.clone(),
             self.publisher.clone(),
             topology.clone(),
@@ -77,9 +78,15 @@ impl App {
                 unreachable_deadline: c.unreachable_deadline,
                 rpc_timeout: c.rpc_timeout,
                 max_rpcs_per_producer: c.max_rpcs_per_producer,
+                max_deferral: c.max_deferral,
             },
             c.limits(),
-        ));
+        );
+        if !c.consumer_queues.is_empty() {
+            let queues = c.consumer_queues.iter().cloned().collect();
+            reconciler.backlog = Some(Backlog::new(self.publisher.clone(), queues, c.backlog_threshold));
+        }
+        let reconciler = Arc::new(reconciler);
         let ingest = ConfirmIngest {
             store: self.store.clone(),
             publisher: self.publisher.clone(),

@@ -99,6 +99,20 @@ pub struct Config {
     /// Most message ids in one CHECK or CONFIRM; larger batches are parked.
     #[arg(long, env = "RECHECK_MAX_IDS", default_value_t = 5_000)]
     pub max_ids: usize,
+
+    /// Consumers' queues, comma-separated `CONSUMER=QUEUE` (e.g. `points=points.order-created`):
+    /// a check whose consumer's queue has a backlog is deferred instead of resent.
+    #[arg(long, env = "RECHECK_CONSUMER_QUEUES", value_delimiter = ',', value_parser = parse_consumer_queue)]
+    pub consumer_queues: Vec<(String, String)>,
+
+    /// Ready messages in a consumer's queue above which it counts as behind.
+    #[arg(long, env = "RECHECK_BACKLOG_THRESHOLD", default_value_t = 100)]
+    pub backlog_threshold: u32,
+
+    /// Longest a check is deferred for a consumer backlog, counted from when the message was
+    /// prepared; after it, the check resends as usual.
+    #[arg(long, env = "RECHECK_MAX_DEFERRAL", default_value = "10m", value_parser = parse_duration)]
+    pub max_deferral: Duration,
 }
 
 impl Config {
@@ -120,6 +134,15 @@ impl Config {
     /// Bounds on the CHECK and CONFIRM bodies this service decodes.
     pub fn limits(&self) -> Limits {
         Limits { max_body_bytes: self.max_body_bytes, max_ids: self.max_ids }
+    }
+}
+
+fn parse_consumer_queue(s: &str) -> Result<(String, String), String> {
+    match s.trim().split_once('=') {
+        Some((consumer, queue)) if !consumer.trim().is_empty() && !queue.trim().is_empty() => {
+            Ok((consumer.trim().to_owned(), queue.trim().to_owned()))
+        }
+        _ => Err(format!("expected CONSUMER=QUEUE, got {s:?}")),
     }
 }
 

@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    backlog::Backlog,
     registry::ProducerRegistry,
     store::{AttemptOutcome, MessageRow, Status, Store},
 };
@@ -44,6 +45,8 @@ pub struct Policy {
     pub unreachable_deadline: Duration,
     pub rpc_timeout: Duration,
     pub max_rpcs_per_producer: usize,
+    /// Longest a check is deferred because its consumer is behind.
+    pub max_deferral: Duration,
 }
 
 /// Counters since start.
@@ -53,11 +56,18 @@ pub struct CheckCounters {
     pub checks: AtomicU64,
     pub rpcs: AtomicU64,
     pub parked: AtomicU64,
+    pub deferred: AtomicU64,
 }
 
 impl Default for CheckCounters {
     fn default() -> Self {
-        Self { started: std::time::Instant::now(), checks: 0.into(), rpcs: 0.into(), parked: 0.into() }
+        Self {
+            started: std::time::Instant::now(),
+            checks: 0.into(),
+            rpcs: 0.into(),
+            parked: 0.into(),
+            deferred: 0.into(),
+        }
     }
 }
 
@@ -69,6 +79,8 @@ pub struct Reconciler {
     pub policy: Policy,
     pub limits: Limits,
     pub counters: Arc<CheckCounters>,
+    /// Consumer queue depths, when consumer → queue is configured.
+    pub backlog: Option<Backlog>,
     /// One slow producer uses up only its own slots.
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
@@ -85,6 +97,8 @@ enum Plan {
     Takeover { next: Check, delay: Duration },
     /// Another process is working on the attempt: look again shortly.
     Watch { check: Check },
+    /// The consumer has a backlog: look again later, without resending.
+    Defer { check: Check, delay: Duration },
 }
 
 impl Reconciler {
@@ -104,6 +118,7 @@ impl Reconciler {
             policy,
             limits,
             counters: Arc::default(),
+            backlog: None,
             slots: Mutex::default(),
         }
     }
@@ -167,6 +182,7 @@ impl Reconciler {
                 Plan::Finish { next: Some((check, delay)), .. } => (check, *delay),
                 Plan::Takeover { next, delay } => (next, *delay),
                 Plan::Watch { check } => (check, self.shortest_tier()),
+                Plan::Defer { check, delay } => (check, *delay),
                 _ => continue,
             };
             next_by_delay.entry(self.topology.tier_for(delay)).or_default().push(check.clone());
@@ -194,7 +210,7 @@ impl Reconciler {
                 Plan::Takeover { next, delay } => {
                     self.store.mark_scheduled(&id, next.attempt, now_ms() + millis(*delay)).await?;
                 }
-                Plan::Done | Plan::Watch { .. } => {}
+                Plan::Done | Plan::Watch { .. } | Plan::Defer { .. } => {}
             }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -221,6 +237,9 @@ impl Reconciler {
         if row.resend_count >= self.policy.max_resends {
             let reason = format!("no confirm after {} resends (max_resends)", row.resend_count);
             return Ok(Plan::Finish { attempt: n, outcome: failed(reason), next: None });
+        }
+        if let Some(plan) = self.defer(check).await {
+            return Ok(plan);
         }
         if !self.store.claim(&row.message_id, n).await? {
             return Ok(Plan::Done);
@@ -274,6 +293,19 @@ impl Reconciler {
             outcome: AttemptOutcome::Retry { reason, next_check_at: 0 },
             next: Some((next, delay)),
         })
+    }
+
+    /// Defers a check whose consumer is behind, for at most `max_deferral`
+    /// after the message was prepared.
+    async fn defer(&self, check: &Check) -> Option<Plan> {
+        let backlog = self.backlog.as_ref()?;
+        if now_ms() - check.published_at >= millis(self.policy.max_deferral) {
+            return None;
+        }
+        let (queue, depth) = backlog.behind(check.expect.as_deref()).await?;
+        self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(message_id = %check.message_id, %queue, depth, "consumer behind; check deferred");
+        Some(Plan::Defer { check: check.clone(), delay: self.backoff(check.attempt + 1) })
     }
 
     /// A check for an attempt the row has moved past.

@@ -43,6 +43,12 @@ pub struct DemoOptions {
     /// Fraction of orders the consumer rejects for business reasons.
     #[arg(long, default_value_t = 0.02)]
     pub reject_rate: f64,
+    /// Pause per message inside the consumer's transaction, ms.
+    #[arg(long, default_value_t = 1)]
+    pub slow_ms: u64,
+    /// Resend into a lagging consumer instead of deferring its checks (to compare).
+    #[arg(long)]
+    pub no_deferral: bool,
     /// Delay of the first check: short, so the demo ends in minutes.
     #[arg(long, default_value = "3s")]
     pub check_delay: String,
@@ -144,6 +150,9 @@ pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<
     let mut callback_env = common(sqlite("callback"));
     callback_env.push(("RECHECK_GRPC_ADDR", format!("127.0.0.1:{callback_port}")));
     callback_env.push(("RECHECK_PRODUCERS", format!("orders=http://127.0.0.1:{orders_port}")));
+    if !opts.no_deferral {
+        callback_env.push(("RECHECK_CONSUMER_QUEUES", "points=points.order-created".into()));
+    }
     let mut upstream_env = common(sqlite("orders"));
     upstream_env.push(("RECHECK_GRPC_ADDR", format!("127.0.0.1:{orders_port}")));
     upstream_env.push(("RECHECK_CHECK_DELAY", opts.check_delay.clone()));
@@ -153,6 +162,7 @@ pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<
     downstream_env.push(("RECHECK_DROP_CONFIRM_RATE", opts.drop_confirm_rate.to_string()));
     downstream_env.push(("RECHECK_FAIL_RATE", opts.fail_rate.to_string()));
     downstream_env.push(("RECHECK_REJECT_RATE", opts.reject_rate.to_string()));
+    downstream_env.push(("RECHECK_SLOW_MS", opts.slow_ms.to_string()));
 
     let callback =
         Service::start(bin_dir, "callback-service", &[], &callback_env, &dir.join("callback.log"))?;

@@ -53,6 +53,7 @@ on_both_stores!(
     thousands_of_confirms_take_few_transactions,
     an_unknown_producer_fails_visibly,
     retention_purges_only_old_terminal_rows,
+    a_lagging_consumer_defers_checks_instead_of_resending,
 );
 
 async fn confirmed_before_the_check_needs_no_rpc(url: &str) {
@@ -346,6 +347,52 @@ async fn retention_purges_only_old_terminal_rows(url: &str) {
         Status::Pending,
         "pending purged"
     );
+}
+
+async fn a_lagging_consumer_defers_checks_instead_of_resending(url: &str) {
+    let mut env = Env::start(url, |c| {
+        c.consumer_queues = vec![("points".into(), "points.orders".into())];
+        c.backlog_threshold = 5;
+        c.max_deferral = Duration::from_secs(60);
+    })
+    .await;
+    // The consumer is down: 30 published orders pile up in its queue.
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(env.order(&format!("o-{i}"), true).await);
+    }
+    // Every first check has been decided once its row carries the producer.
+    for id in &ids {
+        wait_for("the first check", SOON, || async { env.row(*id).await.filter(|r| r.producer == "orders") })
+            .await;
+    }
+    assert_eq!(env.hook.total_calls(), 0, "resent into a backlog");
+    env.start_consumer().await;
+    for id in &ids {
+        let row = env.wait_status(*id, Status::Confirmed, SOON).await;
+        assert_eq!(row.resend_count, 0);
+    }
+    assert_eq!(env.hook.total_calls(), 0);
+
+    // The deferral is bounded: past it, an unconfirmed message is resent despite the backlog.
+    env.shutdown().await;
+    let env = Env::start(url, |c| {
+        c.consumer_queues = vec![("points".into(), "points.orders".into())];
+        c.backlog_threshold = 0;
+        c.max_deferral = Duration::from_secs(3);
+    })
+    .await;
+    let lost = env.order("o-lost", false).await;
+    for i in 0..3 {
+        env.order(&format!("o-queued-{i}"), true).await;
+    }
+    wait_for("a resend after the deferral", SOON, || async {
+        env.row(lost).await.filter(|r| r.resend_count >= 1)
+    })
+    .await;
+    let first_call = env.hook.calls_for(lost);
+    assert!(!first_call.is_empty());
+    env.shutdown().await;
 }
 
 async fn admin_client(env: &Env) -> recheck_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {

@@ -18,6 +18,8 @@ async fn every_fault_on_and_nothing_lost() {
         drop_confirm_rate: 0.05,
         fail_rate: 0.05,
         reject_rate: 0.05,
+        slow_ms: 1,
+        no_deferral: false,
         check_delay: "2s".into(),
         tiers: "1s,2s".into(),
         wait: "3m".into(),

@@ -1,0 +1,75 @@
+//! No resend storms: a check that comes due while its consumer's queue still
+//! holds a backlog is deferred, not resent — resending into a lagging consumer
+//! only doubles its backlog. Depths come from passive queue declares, cached
+//! briefly so a burst of due checks costs one broker round trip per queue.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
+use recheck::Publisher;
+
+/// How long a measured depth is trusted.
+const FRESH: Duration = Duration::from_secs(1);
+
+pub struct Backlog {
+    publisher: Publisher,
+    /// consumer name → its queue.
+    queues: HashMap<String, String>,
+    /// More ready messages than this is a backlog.
+    threshold: u32,
+    channel: tokio::sync::Mutex<Option<Channel>>,
+    depths: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl Backlog {
+    pub fn new(publisher: Publisher, queues: HashMap<String, String>, threshold: u32) -> Self {
+        Self { publisher, queues, threshold, channel: Default::default(), depths: Default::default() }
+    }
+
+    /// The deepest backlog among the queues of `expect` (every configured
+    /// consumer when `None`), if any is over the threshold: `(queue, depth)`.
+    pub async fn behind(&self, expect: Option<&[String]>) -> Option<(String, u32)> {
+        let queues: Vec<&String> = match expect {
+            Some(consumers) => consumers.iter().filter_map(|c| self.queues.get(c)).collect(),
+            None => self.queues.values().collect(),
+        };
+        let mut worst: Option<(String, u32)> = None;
+        for queue in queues {
+            let depth = self.depth(queue).await;
+            if depth > self.threshold && worst.as_ref().is_none_or(|(_, d)| depth > *d) {
+                worst = Some((queue.clone(), depth));
+            }
+        }
+        worst
+    }
+
+    /// Ready messages in `queue`; 0 when it cannot be measured (never defer blind).
+    async fn depth(&self, queue: &str) -> u32 {
+        if let Some((at, depth)) = self.depths.lock().expect("depths lock").get(queue)
+            && at.elapsed() < FRESH
+        {
+            return *depth;
+        }
+        let mut channel = self.channel.lock().await;
+        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+            *channel = self.publisher.create_channel().await.ok();
+        }
+        let Some(ch) = channel.as_ref() else { return 0 };
+        let passive = QueueDeclareOptions::durable().passive();
+        let depth = match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
+            Ok(q) => q.message_count(),
+            Err(e) => {
+                // A missing queue closes the channel (404): reopen next time.
+                tracing::warn!(queue, error = %e, "cannot measure the consumer queue");
+                *channel = None;
+                0
+            }
+        };
+        self.depths.lock().expect("depths lock").insert(queue.to_owned(), (Instant::now(), depth));
+        depth
+    }
+}
