@@ -305,7 +305,11 @@ impl Reconciler {
         let (queue, depth) = backlog.behind(check.expect.as_deref()).await?;
         self.counters.deferred.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(message_id = %check.message_id, %queue, depth, "consumer behind; check deferred");
-        Some(Plan::Defer { check: check.clone(), delay: self.backoff(check.attempt + 1) })
+        // Back off with the message's age (no state to keep): a long backlog is
+        // looked at less and less often, within the deferral bound.
+        let age = Duration::from_millis(u64::try_from(now_ms() - check.published_at).unwrap_or(0));
+        let delay = self.topology.tier_for(age).max(self.backoff(check.attempt + 1));
+        Some(Plan::Defer { check: check.clone(), delay })
     }
 
     /// A check for an attempt the row has moved past.

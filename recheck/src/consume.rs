@@ -10,7 +10,7 @@ use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions},
 };
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::{Acquire, AnyConnection, AnyPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -203,56 +203,60 @@ impl<E: Effect> ConsumerLoop<E> {
         Ok(report)
     }
 
-    /// One transaction for the batch; a transient effect failure rolls it back,
-    /// nacks that one message and retries the rest without it.
+    /// One transaction for the batch, one savepoint per message: a transient
+    /// failure rolls back only that message (which is nacked for redelivery),
+    /// so a batch costs the same however many of its messages fail.
     async fn commit(
         &self,
         pending: &mut Vec<(Delivery, BusinessHeaders)>,
         report: &mut BatchReport,
     ) -> Result<Vec<Confirm>> {
-        'batch: loop {
-            let mut tx = self.pool.begin().await?;
-            let mut confirms = Vec::with_capacity(pending.len());
-            let mut counts = BatchReport::default();
-            for (i, (d, h)) in pending.iter().enumerate() {
-                let (outcome, detail) = if self.inbox.claim(&mut tx, h.message_id).await? {
-                    let incoming = Incoming {
-                        headers: h,
-                        routing_key: d.routing_key.as_str(),
-                        body: &d.data,
-                        redelivered: d.redelivered,
-                    };
-                    match self.effect.apply(&mut tx, &incoming).await {
-                        Ok(Applied::Processed) => {
-                            counts.processed += 1;
-                            (Outcome::Processed, None)
-                        }
-                        Ok(Applied::Rejected(reason)) => {
-                            self.inbox.mark_rejected(&mut tx, h.message_id, &reason).await?;
-                            counts.rejected += 1;
-                            (Outcome::Rejected, Some(reason))
-                        }
-                        Err(e) => {
-                            drop(tx);
-                            tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering");
-                            let (d, _) = pending.remove(i);
-                            d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
-                            report.retried += 1;
-                            continue 'batch;
-                        }
-                    }
-                } else {
-                    counts.duplicates += 1;
-                    match self.inbox.prior(&mut tx, h.message_id).await? {
-                        Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
-                        _ => (Outcome::Duplicate, None),
-                    }
+        let mut tx = self.pool.begin().await?;
+        let mut confirms = Vec::with_capacity(pending.len());
+        let mut failed = Vec::new();
+        for (i, (d, h)) in pending.iter().enumerate() {
+            let mut one = tx.begin().await?;
+            let (outcome, detail) = if self.inbox.claim(&mut one, h.message_id).await? {
+                let incoming = Incoming {
+                    headers: h,
+                    routing_key: d.routing_key.as_str(),
+                    body: &d.data,
+                    redelivered: d.redelivered,
                 };
-                confirms.push(Confirm { message_id: h.message_id, outcome, detail, processed_at: now_ms() });
-            }
-            tx.commit().await?;
-            *report += counts;
-            return Ok(confirms);
+                match self.effect.apply(&mut one, &incoming).await {
+                    Ok(Applied::Processed) => {
+                        report.processed += 1;
+                        (Outcome::Processed, None)
+                    }
+                    Ok(Applied::Rejected(reason)) => {
+                        self.inbox.mark_rejected(&mut one, h.message_id, &reason).await?;
+                        report.rejected += 1;
+                        (Outcome::Rejected, Some(reason))
+                    }
+                    Err(e) => {
+                        one.rollback().await?;
+                        tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering");
+                        failed.push(i);
+                        continue;
+                    }
+                }
+            } else {
+                report.duplicates += 1;
+                match self.inbox.prior(&mut one, h.message_id).await? {
+                    Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
+                    _ => (Outcome::Duplicate, None),
+                }
+            };
+            one.commit().await?;
+            confirms.push(Confirm { message_id: h.message_id, outcome, detail, processed_at: now_ms() });
         }
+        tx.commit().await?;
+        // Only now: a redelivery must not find the batch's transaction still open.
+        for i in failed.into_iter().rev() {
+            let (d, _) = pending.remove(i);
+            d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
+            report.retried += 1;
+        }
+        Ok(confirms)
     }
 }
