@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use recheck::{Publisher, PublisherConfig, SubscriptionConfig, message::now_ms};
+use recheck::{Publisher, SubscriptionConfig, message::now_ms};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -34,14 +34,7 @@ pub struct App {
 pub async fn build(config: Config) -> anyhow::Result<App> {
     let registry = Arc::new(ProducerRegistry::from_config(&config).context("reading the producer registry")?);
     let store = Arc::new(Store::connect(&config.database_url).await.context("opening the store")?);
-    // lapin retries an unreachable broker with backoff (minutes) before it fails.
-    tracing::info!("connecting to RabbitMQ");
-    let publisher = Publisher::connect(PublisherConfig::new(&config.amqp_url, "callback-service"))
-        .await
-        .context("connecting to RabbitMQ")?;
-    let channel = publisher.create_channel().await?;
-    config.topology().declare(&channel).await.context("declaring the topology")?;
-    channel.close(200, "topology declared".into()).await?;
+    let publisher = config.broker.connect("callback-service").await.context("connecting to RabbitMQ")?;
 
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;

@@ -4,11 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use recheck::{
-    Topology,
-    message::Limits,
-    topology::{parse_duration, parse_tiers},
-};
+use recheck::{Topology, message::Limits, topology::parse_duration};
 
 use crate::registry::ProducerEntry;
 
@@ -16,17 +12,8 @@ use crate::registry::ProducerEntry;
 /// with [`Config::for_tests`] and then change fields.
 #[derive(Debug, Clone, Parser)]
 pub struct Config {
-    /// RabbitMQ URL (the vhost is the URL-encoded path).
-    #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "RECHECK_PREFIX", default_value = "recheck")]
-    pub prefix: String,
-
-    /// Delay tiers of the check delay queues, comma-separated (`ms`, `s`, `m`, `h`).
-    #[arg(long, env = "RECHECK_DELAY_TIERS", default_value = "5s,30s,2m,10m,1h", value_parser = parse_tiers)]
-    pub delay_tiers: ::std::vec::Vec<Duration>,
+    #[command(flatten)]
+    pub broker: recheck::service::BrokerArgs,
 
     /// Store: `sqlite://…` (embedded) or `postgres://…`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://callback-service.db?mode=rwc")]
@@ -120,7 +107,7 @@ impl Config {
     /// (clap reads them), so a test process should not set `RECHECK_*`.
     pub fn for_tests(amqp_url: impl Into<String>, database_url: impl Into<String>) -> Config {
         let mut config = Config::parse_from(["callback-service"]);
-        config.amqp_url = amqp_url.into();
+        config.broker.amqp_url = amqp_url.into();
         config.database_url = database_url.into();
         config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config
@@ -128,7 +115,7 @@ impl Config {
 
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
-        Topology::new(self.prefix.clone(), self.delay_tiers.clone())
+        self.broker.topology()
     }
 
     /// Bounds on the CHECK and CONFIRM bodies this service decodes.

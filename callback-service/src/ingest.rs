@@ -68,14 +68,13 @@ impl ConfirmIngest {
                     good.push(d);
                 }
                 Err(e) => {
-                    park(
-                        &self.publisher,
-                        &self.topology,
-                        &self.topology.confirms_queue(),
-                        &d,
-                        &e.to_string(),
-                    )
-                    .await?;
+                    let queue = self.topology.confirms_queue();
+                    if let Err(e) = park(&self.publisher, &self.topology, &queue, &d, &e.to_string()).await {
+                        // Not parked, so not acked: it comes back and is parked then.
+                        tracing::warn!(error = %e, "parking failed; redelivering");
+                        let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        continue;
+                    }
                     d.acker.ack(BasicAckOptions::default()).await?;
                     self.counters.parked.fetch_add(1, Ordering::Relaxed);
                 }

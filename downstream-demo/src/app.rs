@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use recheck::{
-    Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, PublisherConfig, Topology,
-};
+use recheck::{Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, Topology};
 use sqlx::AnyPool;
 use tokio_util::sync::CancellationToken;
 
@@ -27,14 +25,9 @@ pub struct App {
 /// Opens the store, connects to RabbitMQ, declares the topology and the consumer's queue.
 pub async fn build(config: Config) -> anyhow::Result<App> {
     let pool = store::connect(&config.store.database_url).await?;
-    // lapin retries an unreachable broker with backoff (minutes) before it fails.
-    tracing::info!("connecting to RabbitMQ");
-    let publisher = Publisher::connect(PublisherConfig::new(&config.amqp_url, "downstream-demo"))
-        .await
-        .context("connecting to RabbitMQ")?;
+    let publisher = config.broker.connect("downstream-demo").await.context("connecting to RabbitMQ")?;
     let channel = publisher.create_channel().await?;
     let topology = config.topology();
-    topology.declare(&channel).await.context("declaring the topology")?;
     topology
         .declare_consumer_queue(&channel, &config.queue, &[crate::EVENT])
         .await

@@ -2,10 +2,8 @@
 //! named in `--help`. [`Cli`] picks the subcommand; bare `downstream-demo`
 //! (flags and all) means `serve`.
 
-use std::time::Duration;
-
 use clap::{Args, Parser, Subcommand};
-use recheck::{Topology, topology::parse_tiers};
+use recheck::Topology;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "downstream-demo", version, about = "Recheck demo consumer: awards points once per order")]
@@ -42,17 +40,8 @@ pub struct StoreArgs {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "downstream-demo")]
 pub struct Config {
-    /// RabbitMQ URL (the vhost is the URL-encoded path).
-    #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "RECHECK_PREFIX", default_value = "recheck")]
-    pub prefix: String,
-
-    /// Delay tiers of the check delay queues, comma-separated (`ms`, `s`, `m`, `h`).
-    #[arg(long, env = "RECHECK_DELAY_TIERS", default_value = "5s,30s,2m,10m,1h", value_parser = parse_tiers)]
-    pub delay_tiers: ::std::vec::Vec<Duration>,
+    #[command(flatten)]
+    pub broker: recheck::service::BrokerArgs,
 
     #[command(flatten)]
     pub store: StoreArgs,
@@ -115,7 +104,7 @@ pub struct StatsArgs {
 impl Config {
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
-        Topology::new(self.prefix.clone(), self.delay_tiers.clone())
+        self.broker.topology()
     }
 }
 

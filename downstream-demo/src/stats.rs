@@ -1,6 +1,5 @@
 //! `downstream-demo stats`: what the store says this consumer did.
 
-use recheck::Inbox;
 use serde::Serialize;
 use sqlx::AnyPool;
 
@@ -19,18 +18,20 @@ pub struct Stats {
 
 impl Stats {
     pub async fn load(pool: &AnyPool, consumer: &str) -> anyhow::Result<Self> {
-        // CAST: PostgreSQL sums BIGINT as NUMERIC, which the `Any` driver cannot decode.
-        let (orders_with_points, points_awarded): (i64, i64) =
-            sqlx::query_as("SELECT COUNT(*), CAST(COALESCE(SUM(points), 0) AS BIGINT) FROM points")
-                .fetch_one(pool)
-                .await?;
-        let (messages, duplicates_absorbed) = Inbox::new(consumer).counts(pool).await?;
-        let rejected: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM recheck_inbox WHERE consumer = $1 AND outcome = 'rejected'",
-        )
-        .bind(consumer)
-        .fetch_one(pool)
-        .await?;
+        // One statement, one snapshot: points and inbox rows commit together, so
+        // separate reads could straddle a batch and disagree. CAST: PostgreSQL
+        // sums BIGINT as NUMERIC, which the `Any` driver cannot decode.
+        let (orders_with_points, points_awarded, messages, rejected, duplicates_absorbed): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM points),
+                        (SELECT CAST(COALESCE(SUM(points), 0) AS BIGINT) FROM points),
+                        (SELECT COUNT(*) FROM recheck_inbox WHERE consumer = $1),
+                        (SELECT COUNT(*) FROM recheck_inbox WHERE consumer = $1 AND outcome = 'rejected'),
+                        (SELECT CAST(COALESCE(SUM(seen - 1), 0) AS BIGINT) FROM recheck_inbox WHERE consumer = $1)",
+            )
+            .bind(consumer)
+            .fetch_one(pool)
+            .await?;
         Ok(Self {
             consumer: consumer.to_owned(),
             orders_with_points,

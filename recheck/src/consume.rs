@@ -176,7 +176,13 @@ impl<E: Effect> ConsumerLoop<E> {
             match BusinessHeaders::from_properties(&d.properties) {
                 Ok(h) => pending.push((d, h)),
                 Err(e) => {
-                    park(&self.publisher, &self.topology, &self.config.queue, &d, &e.to_string()).await?;
+                    let queue = &self.config.queue;
+                    if let Err(e) = park(&self.publisher, &self.topology, queue, &d, &e.to_string()).await {
+                        // Not parked, so not acked: it comes back and is parked then.
+                        tracing::warn!(error = %e, "parking failed; redelivering");
+                        let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        continue;
+                    }
                     d.acker.ack(BasicAckOptions::default()).await?;
                     report.parked += 1;
                 }

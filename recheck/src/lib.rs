@@ -14,6 +14,7 @@
 //! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way.
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
+//! - `service` (feature `service`): broker settings as clap args, connect + declare.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
 
 pub mod confirmer;
@@ -27,6 +28,8 @@ pub mod message;
 pub mod parking;
 pub mod producer;
 pub mod publisher;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod shutdown;
 pub mod subscription;
 pub mod topology;

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use recheck::{Producer, ProducerConfig, Publisher, PublisherConfig, ResendHookService};
+use recheck::{Producer, ProducerConfig, ResendHookService};
 use recheck_proto::demo::v1::orders_server::OrdersServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -26,15 +26,8 @@ pub struct App {
 pub async fn build(config: Config) -> anyhow::Result<App> {
     let store = Store::connect(&config.database_url).await.context("opening the order store")?;
 
-    // lapin retries an unreachable broker with backoff (minutes) before it fails.
-    tracing::info!("connecting to RabbitMQ");
-    let publisher = Publisher::connect(PublisherConfig::new(&config.amqp_url, "upstream-demo"))
-        .await
-        .context("connecting to RabbitMQ")?;
+    let publisher = config.broker.connect("upstream-demo").await.context("connecting to RabbitMQ")?;
     let topology = config.topology();
-    let channel = publisher.create_channel().await?;
-    topology.declare(&channel).await.context("declaring the topology")?;
-    channel.close(200, "topology declared".into()).await?;
     let producer = Producer::new(
         publisher,
         topology,

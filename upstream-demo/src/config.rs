@@ -4,25 +4,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use recheck::{
-    Topology,
-    topology::{parse_duration, parse_tiers},
-};
+use recheck::{Topology, topology::parse_duration};
 
 /// Settings of `upstream-demo serve` (the default command).
 #[derive(Debug, Clone, Parser)]
 pub struct Config {
-    /// RabbitMQ URL (the vhost is the URL-encoded path).
-    #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "RECHECK_PREFIX", default_value = "recheck")]
-    pub prefix: String,
-
-    /// Delay tiers of the check delay queues, comma-separated (`ms`, `s`, `m`, `h`).
-    #[arg(long, env = "RECHECK_DELAY_TIERS", default_value = "5s,30s,2m,10m,1h", value_parser = parse_tiers)]
-    pub delay_tiers: ::std::vec::Vec<Duration>,
+    #[command(flatten)]
+    pub broker: recheck::service::BrokerArgs,
 
     /// Order store: `sqlite://…` (embedded) or `postgres://…`.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://upstream-demo.db?mode=rwc")]
@@ -53,6 +41,6 @@ pub struct Config {
 impl Config {
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
-        Topology::new(self.prefix.clone(), self.delay_tiers.clone())
+        self.broker.topology()
     }
 }

@@ -18,9 +18,11 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
     let vhost = recheck_tests::kit().await.rabbit.fresh_vhost().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
-        amqp_url: vhost.url.clone(),
-        prefix: "recheck".into(),
-        delay_tiers: vec![Duration::from_secs(5), Duration::from_secs(30)],
+        broker: recheck::service::BrokerArgs {
+            amqp_url: vhost.url.clone(),
+            prefix: "recheck".into(),
+            delay_tiers: vec![Duration::from_secs(5), Duration::from_secs(30)],
+        },
         database_url: format!("sqlite://{}?mode=rwc", dir.path().join("orders.db").display()),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         producer_name: "orders".into(),

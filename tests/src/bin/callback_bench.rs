@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     for (label, url) in stores {
         let vhost = kit.rabbit.fresh_vhost().await?;
         let mut config = callback_service::Config::for_tests(vhost.as_str(), url.as_str());
-        config.delay_tiers = recheck::topology::parse_tiers("1s").map_err(anyhow::Error::msg)?;
+        config.broker.delay_tiers = recheck::topology::parse_tiers("1s").map_err(anyhow::Error::msg)?;
         let publisher = Publisher::connect(PublisherConfig::new(vhost.as_str(), "bench")).await?;
         config.topology().declare(&publisher.create_channel().await?).await?;
         let topology = config.topology();

@@ -191,7 +191,7 @@ impl Env {
 
     pub fn config(&self) -> Config {
         let mut config = Config::for_tests(self.vhost.as_str(), self.database_url.as_str());
-        config.delay_tiers = parse_tiers(TIERS).unwrap();
+        config.broker.delay_tiers = parse_tiers(TIERS).unwrap();
         config.producers = vec![format!("orders={}", self.hook_addr).parse().unwrap()];
         config.max_resends = 2;
         config.rpc_timeout = Duration::from_secs(2);
