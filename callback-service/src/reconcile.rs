@@ -199,11 +199,9 @@ impl Reconciler {
         for (check, plan) in batch.checks.iter().zip(&plans) {
             let id = check.message_id.to_string();
             match plan {
-                Plan::Finish { attempt, outcome, next } => {
-                    let next_at = next.as_ref().map_or(0, |(_, d)| now_ms() + millis(*d));
-                    let outcome = with_next_at(outcome, next_at);
-                    self.store.finish(&id, *attempt, &outcome).await?;
-                    if let AttemptOutcome::Terminal { status: Status::Failed, reason } = &outcome {
+                Plan::Finish { attempt, outcome, .. } => {
+                    self.store.finish(&id, *attempt, outcome).await?;
+                    if let AttemptOutcome::Terminal { status: Status::Failed, reason } = outcome {
                         tracing::error!(message_id = %id, %reason, "message failed");
                     }
                 }
@@ -260,12 +258,13 @@ impl Reconciler {
         drop(slot);
         let next = Check { attempt, ..check.clone() };
         let delay = self.backoff(attempt);
+        let next_check_at = now_ms() + millis(delay);
         let reason = match answer {
             Ok(r) if r.outcome() == ResendOutcome::Resent => {
                 tracing::info!(message_id = %row.message_id, attempt, "resent");
                 return Ok(Plan::Finish {
                     attempt,
-                    outcome: AttemptOutcome::Resent { next_check_at: 0 },
+                    outcome: AttemptOutcome::Resent { next_check_at },
                     next: Some((next, delay)),
                 });
             }
@@ -290,7 +289,7 @@ impl Reconciler {
         tracing::warn!(message_id = %row.message_id, attempt, %reason, "resend not done; re-checking later");
         Ok(Plan::Finish {
             attempt,
-            outcome: AttemptOutcome::Retry { reason, next_check_at: 0 },
+            outcome: AttemptOutcome::Retry { reason, next_check_at },
             next: Some((next, delay)),
         })
     }
@@ -374,16 +373,6 @@ fn failed(reason: String) -> AttemptOutcome {
 
 fn or_default(reason: String, default: &str) -> String {
     if reason.is_empty() { default.to_owned() } else { reason }
-}
-
-fn with_next_at(outcome: &AttemptOutcome, next_check_at: i64) -> AttemptOutcome {
-    match outcome {
-        AttemptOutcome::Resent { .. } => AttemptOutcome::Resent { next_check_at },
-        AttemptOutcome::Retry { reason, .. } => {
-            AttemptOutcome::Retry { reason: reason.clone(), next_check_at }
-        }
-        other => other.clone(),
-    }
 }
 
 fn millis(d: Duration) -> i64 {
