@@ -6,7 +6,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use recheck_proto::v1::{
     GetMessageRequest, GetMessageResponse, ListMessagesRequest, Message, MessageStatus, RedriveRequest,
     RedriveResponse, StatsRequest, StatsResponse, admin_client::AdminClient,
@@ -54,8 +54,8 @@ pub enum AdminAction {
     /// Messages, newest first as the server orders them; one line each.
     List {
         /// Only messages in this status.
-        #[arg(long, value_enum)]
-        status: Option<StatusFilter>,
+        #[arg(long, value_parser = status_parser())]
+        status: Option<crate::store::Status>,
         /// Messages per page (the server caps it; 0 = server default).
         #[arg(long, default_value_t = 100)]
         page_size: u32,
@@ -69,27 +69,11 @@ pub enum AdminAction {
     Redrive { id: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StatusFilter {
-    Pending,
-    Confirmed,
-    Resent,
-    Void,
-    Failed,
-    Rejected,
-}
-
-impl From<StatusFilter> for MessageStatus {
-    fn from(s: StatusFilter) -> Self {
-        match s {
-            StatusFilter::Pending => MessageStatus::Pending,
-            StatusFilter::Confirmed => MessageStatus::Confirmed,
-            StatusFilter::Resent => MessageStatus::Resent,
-            StatusFilter::Void => MessageStatus::Void,
-            StatusFilter::Failed => MessageStatus::Failed,
-            StatusFilter::Rejected => MessageStatus::Rejected,
-        }
-    }
+/// The store's status names, listed in `--help`.
+fn status_parser() -> impl clap::builder::TypedValueParser<Value = crate::store::Status> {
+    use crate::store::Status;
+    clap::builder::PossibleValuesParser::new(Status::ALL.map(Status::as_str))
+        .map(|s| Status::parse(&s).expect("a possible value"))
 }
 
 /// Runs one admin command and prints its output; a server error becomes `Err("Code: message")`.
@@ -108,7 +92,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
             print!("{}", format_stats(&stats));
         }
         AdminAction::List { status, page_size, all } => {
-            let status = status.map_or(MessageStatus::Unspecified, MessageStatus::from) as i32;
+            let status = status.map_or(MessageStatus::Unspecified, crate::admin::status_to_pb) as i32;
             let mut page_token = String::new();
             let mut first = true;
             loop {
@@ -309,7 +293,7 @@ mod tests {
         let Some(Command::Admin(admin)) = cli.command else { panic!("admin expected") };
         assert!(matches!(
             admin.action,
-            AdminAction::List { status: Some(StatusFilter::Failed), all: true, .. }
+            AdminAction::List { status: Some(crate::store::Status::Failed), all: true, .. }
         ));
         assert_eq!(admin.addr, "http://127.0.0.1:50051");
     }
