@@ -13,8 +13,11 @@
 //! - [`rabbit`] — the broker: a private node or one from the environment; vhosts, `rabbitmqctl`,
 //!   `stop_app` / `start_app`.
 //! - [`postgres`] — the database server: a private cluster or one from the environment; databases.
+//! - [`proxy`] — `FaultProxy`, a TCP proxy that cuts, stalls or refuses connections on command.
 //! - `watchdog` — runs each private server under a `sh` watchdog that stops it and deletes its
 //!   files once the owning process is gone (statics are never dropped).
+//! - [`deploy`] — the three service binaries as processes (kill -9, restart, CPU / RSS), the load,
+//!   and the verdict from the stores; used by the demo, the fault matrix and the benchmark.
 //! - [`demo`] — the demo flow (three service processes, a load with faults, the report), shared by
 //!   `bin/demo.rs` (`scripts/demo`) and the `demo_flow` suite.
 //! - `ports` — free TCP ports; `urls` — the little URL editing the kit needs.
@@ -63,8 +66,10 @@ macro_rules! url_newtype {
 }
 
 pub mod demo;
+pub mod deploy;
 mod ports;
 pub mod postgres;
+pub mod proxy;
 pub mod rabbit;
 mod urls;
 mod watchdog;
@@ -77,6 +82,7 @@ use anyhow::{Context, Result};
 
 pub use ports::free_port;
 pub use postgres::{Database, Postgres};
+pub use proxy::FaultProxy;
 pub use rabbit::{Rabbit, Vhost};
 pub use watchdog::parent_exit;
 

@@ -23,6 +23,7 @@ async fn every_fault_on_and_nothing_lost() {
         check_delay: "2s".into(),
         tiers: "1s,2s".into(),
         wait: "3m".into(),
+        callback_database_url: None,
         dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("demo-flow"),
     };
     let report = demo::run(&kit.rabbit, &demo::bin_dir().unwrap(), &options).await.unwrap();

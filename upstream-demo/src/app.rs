@@ -11,7 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::{Config, OrdersService, Store};
+use crate::{Config, OrdersService, Store, resend::AuditedHook};
 
 /// A started order service: store open, broker connected, topology declared, listener bound.
 pub struct App {
@@ -60,8 +60,10 @@ impl App {
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<OrdersServer<OrdersService>>().await;
         // Recheck: the hook the callback service calls for unconfirmed messages.
-        let hook =
-            ResendHookService::new(Arc::new(self.store.clone()), self.producer.clone(), self.config.grace);
+        let hook = AuditedHook::new(
+            ResendHookService::new(Arc::new(self.store.clone()), self.producer.clone(), self.config.grace),
+            self.store.clone(),
+        );
         let orders = OrdersService::new(self.store.clone(), self.producer.clone());
 
         tracing::info!(grpc_addr = %self.grpc_addr, producer = %self.config.producer_name, "upstream demo started");

@@ -1,8 +1,14 @@
 //! The one lookup Recheck asks of a producer: message id → the payload that was
 //! committed with it. The SDK's `ResendHookService` does the rest (republish with
 //! the same id, typed outcome, grace period for transactions still committing).
+//! [`AuditedHook`] also records every call in `hook_calls`.
 
-use recheck::{Lookup, ResendSource, hook::BoxError};
+use recheck::{Lookup, ResendHookService, ResendSource, hook::BoxError};
+use recheck_proto::v1::{
+    ResendRequest, ResendResponse,
+    resend_hook_server::{ResendHook, ResendHookServer},
+};
+use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::Store;
@@ -13,5 +19,37 @@ impl ResendSource for Store {
             Some(payload) => Lookup::Found(payload.into_bytes()),
             None => Lookup::NotCommitted,
         })
+    }
+}
+
+/// The SDK's hook, with each answered call written to the store's `hook_calls` table.
+pub struct AuditedHook {
+    inner: ResendHookService<Store>,
+    store: Store,
+}
+
+impl AuditedHook {
+    pub fn new(inner: ResendHookService<Store>, store: Store) -> Self {
+        Self { inner, store }
+    }
+
+    pub fn into_server(self) -> ResendHookServer<Self> {
+        ResendHookServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl ResendHook for AuditedHook {
+    #[tracing::instrument(skip_all, fields(message_id = %request.get_ref().message_id, attempt = request.get_ref().attempt))]
+    async fn resend(&self, request: Request<ResendRequest>) -> Result<Response<ResendResponse>, Status> {
+        let req = request.get_ref();
+        let (outcome, reason) = self.inner.handle(req).await?;
+        tracing::info!(outcome = outcome.as_str_name(), %reason, "resend");
+        // The audit never decides the answer: a failed insert is logged, not returned.
+        if let Err(e) = self.store.record_hook_call(&req.message_id, req.attempt, outcome.as_str_name()).await
+        {
+            tracing::warn!(error = %e, "recording the hook call");
+        }
+        Ok(Response::new(ResendResponse { outcome: outcome.into(), reason }))
     }
 }

@@ -25,6 +25,14 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orders (
     payload TEXT NOT NULL,
     created_at BIGINT NOT NULL)";
 
+/// Every `ResendHook` call this service answered: an audit a producer team would keep, and how the
+/// fault suites prove that no attempt was resent twice (one row per call, not per message).
+const HOOK_CALLS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS hook_calls (
+    message_id TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    outcome TEXT NOT NULL,
+    at BIGINT NOT NULL)";
+
 /// One order as stored; `payload` is the exact body of its `order.created` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Order {
@@ -51,6 +59,7 @@ impl Store {
             other => StoreError::Url(other.to_string()),
         })?;
         sqlx::query(SCHEMA).execute(&pool).await?;
+        sqlx::query(HOOK_CALLS_SCHEMA).execute(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -86,6 +95,18 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|(payload,)| payload))
+    }
+
+    /// Records one answered `ResendHook` call.
+    pub async fn record_hook_call(&self, message_id: &str, attempt: u32, outcome: &str) -> Result<()> {
+        sqlx::query("INSERT INTO hook_calls (message_id, attempt, outcome, at) VALUES ($1, $2, $3, $4)")
+            .bind(message_id)
+            .bind(i64::from(attempt))
+            .bind(outcome)
+            .bind(recheck::message::now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Committed orders (tests and operators count them).
