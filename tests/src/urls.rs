@@ -43,6 +43,15 @@ pub fn host_port(url: &str, default_port: u16) -> String {
     }
 }
 
+/// The URL with its `host:port` replaced (user info, path and query kept).
+pub fn with_host_port(url: &str, host_port: &str) -> String {
+    let (base, rest) = split(url);
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let authority = &base[scheme_end..];
+    let userinfo = authority.rfind('@').map_or("", |i| &authority[..=i]);
+    format!("{}{userinfo}{host_port}{rest}", &base[..scheme_end])
+}
+
 /// Percent-encodes a path segment (an AMQP vhost name such as `/`).
 pub fn encode_segment(segment: &str) -> String {
     segment
@@ -74,5 +83,13 @@ mod tests {
         assert_eq!(host_port("amqp://g:g@127.0.0.1:1234/x", 5672), "127.0.0.1:1234");
         assert_eq!(host_port("amqp://localhost", 5672), "localhost:5672");
         assert_eq!(encode_segment("/"), "%2f");
+    }
+
+    #[test]
+    fn replaces_host_and_port() {
+        let url = "amqp://guest:p@ss@127.0.0.1:5672/%2f?heartbeat=5";
+        assert_eq!(with_host_port(url, "127.0.0.1:9"), "amqp://guest:p@ss@127.0.0.1:9/%2f?heartbeat=5");
+        assert_eq!(with_host_port("http://localhost:50061", "127.0.0.1:9"), "http://127.0.0.1:9");
+        assert_eq!(with_host_port("amqp://h", "127.0.0.1:9"), "amqp://127.0.0.1:9");
     }
 }
