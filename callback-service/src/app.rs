@@ -15,6 +15,7 @@ use crate::{
     Config,
     admin::AdminService,
     backlog::Backlog,
+    breaker::Breakers,
     ingest::{ConfirmIngest, IngestCounters},
     reconcile::{Policy, Reconciler},
     registry::ProducerRegistry,
@@ -74,6 +75,7 @@ impl App {
                 max_deferral: c.max_deferral,
             },
             c.limits(),
+            Breakers::new(c.breaker()),
         );
         if !c.consumer_queues.is_empty() {
             let queues = c.consumer_queues.iter().cloned().collect();

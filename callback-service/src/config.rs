@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use recheck::{Topology, message::Limits, topology::parse_duration};
 
-use crate::registry::ProducerEntry;
+use crate::{breaker::BreakerConfig, registry::ProducerEntry};
 
 /// The service's settings. The binary wraps it in [`crate::cli::Cli`]; tests build it
 /// with [`Config::for_tests`] and then change fields.
@@ -100,9 +100,31 @@ pub struct Config {
     /// prepared; after it, the check resends as usual.
     #[arg(long, env = "RECHECK_MAX_DEFERRAL", default_value = "10m", value_parser = parse_duration)]
     pub max_deferral: Duration,
+
+    /// Consecutive failed hook RPCs (unreachable, timeout) that open a producer's circuit: its
+    /// checks are then deferred without a call, one probe per open period. 0 disables.
+    #[arg(long, env = "RECHECK_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+
+    /// Longest open period of a producer's circuit (the first is the shortest delay tier,
+    /// doubling after each failed probe).
+    #[arg(long, env = "RECHECK_BREAKER_MAX_OPEN", default_value = "1m", value_parser = parse_duration)]
+    pub breaker_max_open: Duration,
 }
 
 impl Config {
+    pub fn breaker(&self) -> BreakerConfig {
+        // The first open period is one round of the shortest tier: a producer back within it
+        // loses nothing; a probe holds its lease for one RPC deadline and then some.
+        let min_open = self.broker.delay_tiers.first().copied().unwrap_or(Duration::from_secs(5));
+        BreakerConfig {
+            threshold: self.breaker_threshold,
+            min_open,
+            max_open: self.breaker_max_open.max(min_open),
+            probe_lease: self.rpc_timeout * 2,
+        }
+    }
+
     /// Every default, with the given broker and store. Environment variables still apply
     /// (clap reads them), so a test process should not set `RECHECK_*`.
     pub fn for_tests(amqp_url: impl Into<String>, database_url: impl Into<String>) -> Config {

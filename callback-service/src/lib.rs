@@ -9,12 +9,14 @@
 //! - [`ingest`]: CONFIRM batches → one store transaction → `ack(multiple)`.
 //! - [`reconcile`]: each due CHECK → decide → `ResendHook.Resend` → next CHECK → ack.
 //! - [`backlog`]: consumer queue depths, so checks of a lagging consumer are deferred.
+//! - [`breaker`]: per-producer circuit breaker, so a failing hook is backed off as a whole.
 //! - [`registry`]: producer name → hook endpoint (and bearer token).
 //! - [`admin`]: the `recheck.v1.Admin` gRPC service; [`cli`]: the `admin` subcommand over it.
 
 pub mod admin;
 pub mod app;
 pub mod backlog;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod ingest;

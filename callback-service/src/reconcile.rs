@@ -33,6 +33,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     backlog::Backlog,
+    breaker::{Breakers, Gate},
     registry::ProducerRegistry,
     store::{AttemptOutcome, MessageRow, Status, Store},
 };
@@ -57,6 +58,8 @@ pub struct CheckCounters {
     pub rpcs: AtomicU64,
     pub parked: AtomicU64,
     pub deferred: AtomicU64,
+    /// Checks deferred because their producer's circuit was open.
+    pub circuit_deferred: AtomicU64,
 }
 
 impl Default for CheckCounters {
@@ -67,6 +70,7 @@ impl Default for CheckCounters {
             rpcs: 0.into(),
             parked: 0.into(),
             deferred: 0.into(),
+            circuit_deferred: 0.into(),
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Reconciler {
     pub counters: Arc<CheckCounters>,
     /// Consumer queue depths, when consumer → queue is configured.
     pub backlog: Option<Backlog>,
+    /// Producers whose hook keeps failing are backed off as a whole.
+    pub breakers: Breakers,
     /// One slow producer uses up only its own slots.
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
@@ -109,8 +115,10 @@ impl Reconciler {
         registry: Arc<ProducerRegistry>,
         policy: Policy,
         limits: Limits,
+        breakers: Breakers,
     ) -> Self {
         Self {
+            breakers,
             store,
             publisher,
             topology,
@@ -239,6 +247,15 @@ impl Reconciler {
         if let Some(plan) = self.defer(check).await {
             return Ok(plan);
         }
+        if let Gate::Open { retry_in, failing_since } = self.breakers.gate(producer) {
+            if now_ms() - failing_since >= millis(self.policy.unreachable_deadline) {
+                let reason = format!("producer unreachable: circuit open since {failing_since} (ms)");
+                return Ok(Plan::Finish { attempt: n, outcome: failed(reason), next: None });
+            }
+            self.counters.circuit_deferred.fetch_add(1, Ordering::Relaxed);
+            // No claim: the attempt and the resend budget stay untouched while the producer is down.
+            return Ok(Plan::Defer { check: check.clone(), delay: retry_in.max(self.shortest_tier()) });
+        }
         if !self.store.claim(&row.message_id, n).await? {
             return Ok(Plan::Done);
         }
@@ -256,6 +273,10 @@ impl Reconciler {
         self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
         let answer = client.resend(request, self.policy.rpc_timeout).await;
         drop(slot);
+        match &answer {
+            Ok(_) => self.breakers.success(producer),
+            Err(_) => self.breakers.failure(producer),
+        }
         let next = Check { attempt, ..check.clone() };
         let delay = self.backoff(attempt);
         let next_check_at = now_ms() + millis(delay);
