@@ -370,6 +370,25 @@ impl Deployment {
         finish_load(self.spawn_load(load)?).await
     }
 
+    /// Waits until the producer has committed `n` orders (or `within` passed: an error); returns
+    /// the count seen.
+    pub async fn wait_committed(&self, n: u64, within: Duration) -> Result<u64> {
+        let orders = open(&self.orders_db).await?;
+        let deadline = Instant::now() + within;
+        let result = loop {
+            let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders").fetch_one(&orders).await?;
+            if count as u64 >= n {
+                break Ok(count as u64);
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!("only {count} of {n} orders committed after {within:?}"));
+            }
+            sleep(Duration::from_millis(50)).await;
+        };
+        orders.close().await;
+        result
+    }
+
     /// What the stores say now.
     pub async fn verdict(&self) -> Result<Verdict> {
         let orders = open(&self.orders_db).await?;

@@ -11,13 +11,15 @@
 //! ```
 //!
 //! - [`rabbit`] — the broker: a private node or one from the environment; vhosts, `rabbitmqctl`,
-//!   `stop_app` / `start_app`.
+//!   `stop_app` / `start_app`; `RabbitCluster`, private nodes clustered (kill -9, restart).
 //! - [`postgres`] — the database server: a private cluster or one from the environment; databases.
 //! - [`proxy`] — `FaultProxy`, a TCP proxy that cuts, stalls or refuses connections on command.
 //! - `watchdog` — runs each private server under a `sh` watchdog that stops it and deletes its
 //!   files once the owning process is gone (statics are never dropped).
 //! - [`deploy`] — the three service binaries as processes (kill -9, restart, CPU / RSS), the load,
 //!   and the verdict from the stores; used by the demo, the fault matrix and the benchmark.
+//! - [`faults`] — the fault matrix: one fault injected mid-load into a deployment, the outcome from
+//!   the stores; shared by the `faults` suite and `bin/chaos.rs` (`scripts/chaos`).
 //! - [`demo`] — the demo flow (three service processes, a load with faults, the report), shared by
 //!   `bin/demo.rs` (`scripts/demo`) and the `demo_flow` suite.
 //! - `ports` — free TCP ports; `urls` — the little URL editing the kit needs.
@@ -67,6 +69,7 @@ macro_rules! url_newtype {
 
 pub mod demo;
 pub mod deploy;
+pub mod faults;
 mod ports;
 pub mod postgres;
 pub mod proxy;
@@ -83,7 +86,7 @@ use anyhow::{Context, Result};
 pub use ports::free_port;
 pub use postgres::{Database, Postgres};
 pub use proxy::FaultProxy;
-pub use rabbit::{Rabbit, Vhost};
+pub use rabbit::{ClusterVhost, Rabbit, RabbitCluster, Vhost};
 pub use watchdog::parent_exit;
 
 pub const AMQP_URL_ENV: &str = "RECHECK_TEST_AMQP_URL";

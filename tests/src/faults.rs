@@ -1,0 +1,323 @@
+//! The fault matrix: one [`Fault`] injected into a [`Deployment`] under load, at a chosen moment
+//! (when a share of the orders is committed), and the [`Outcome`] computed from the stores. The
+//! `faults` suite runs each row small; `scripts/chaos` (`bin/chaos.rs`) runs them big and adds a
+//! mixed run with faults at random moments.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::{Instant, sleep};
+
+use crate::{
+    Rabbit,
+    deploy::{ConsumerFaults, DeployOptions, Deployment, LoadOptions, Role, Verdict},
+    free_port,
+    proxy::FaultProxy,
+    urls,
+};
+
+/// One row of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// No fault: the baseline.
+    None,
+    /// 10 % of business messages never published (committed, then a "crash").
+    BusinessDropped,
+    /// 10 % of confirms never sent (the points were awarded).
+    ConfirmDropped,
+    /// downstream-demo killed with -9 mid-batch, restarted after a pause.
+    ConsumerKilled,
+    /// The callback service killed with -9 mid-batch, restarted after a pause.
+    CallbackKilled,
+    /// The producer's hook unreachable for several check rounds (connections refused).
+    HookDown,
+    /// `rabbitmqctl stop_app`, a pause, `start_app`.
+    BrokerRestart,
+    /// The broker's memory alarm raised (publishers blocked), then cleared.
+    MemoryAlarm,
+    /// Every service ↔ broker connection cut at once.
+    ConnectionsCut,
+    /// Two callback service instances on one PostgreSQL store, both reconciling (with dropped
+    /// publishes and confirms, so there is something to resend).
+    TwoCallbacks,
+    /// The consumer stopped for longer than the check delay, then started (resend storm test).
+    ConsumerDown,
+    /// Background faults on (dropped publishes and confirms, consumer failures and rejections,
+    /// aborts), and kills, broker restarts, alarms and cuts at random moments.
+    Mixed,
+}
+
+/// How big, how fast and when.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub fault: Fault,
+    pub orders: u64,
+    /// Orders per second offered by the load (the run must last long enough to fault mid-load).
+    pub rate: u64,
+    /// The fault fires once this share of the orders is committed.
+    pub at: f64,
+    /// How long the fault lasts (outage, alarm, hook down, consumer down).
+    pub outage: Duration,
+    /// Defer checks of a lagging consumer (the storm comparison turns it off).
+    pub deferral: bool,
+    pub dir: PathBuf,
+    /// The longest wait for every message to settle after the load.
+    pub settle_within: Duration,
+}
+
+impl Scenario {
+    pub fn new(fault: Fault, orders: u64, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            fault,
+            orders,
+            rate: 400,
+            at: 0.3,
+            outage: Duration::from_secs(4),
+            deferral: true,
+            dir: dir.into(),
+            settle_within: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one row found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub fault: Fault,
+    pub orders: u64,
+    pub deferral: bool,
+    pub verdict: Verdict,
+    /// The load generator's own report.
+    pub load: Value,
+    /// Orders committed when the fault fired (shows it fired mid-load).
+    pub committed_at_fault: u64,
+    /// From the end of the fault until every committed message was terminal.
+    pub reconcile_s: f64,
+    pub elapsed_s: f64,
+}
+
+impl Outcome {
+    /// Resent messages as a share of committed ones.
+    pub fn resent_share(&self) -> f64 {
+        self.verdict.resent_messages as f64 / self.verdict.committed.max(1) as f64
+    }
+
+    /// The assertions every row must pass; `Err` says which failed.
+    pub fn check(&self) -> Result<()> {
+        let v = &self.verdict;
+        anyhow::ensure!(v.lost == 0, "{:?}: {} lost, e.g. {:?}", self.fault, v.lost, v.lost_sample);
+        anyhow::ensure!(v.pending == 0, "{:?}: {} still pending", self.fault, v.pending);
+        anyhow::ensure!(
+            v.points == v.confirmed,
+            "{:?}: points {} != confirmed {}",
+            self.fault,
+            v.points,
+            v.confirmed
+        );
+        anyhow::ensure!(
+            v.repeated_hook_calls == 0,
+            "{:?}: {} hook calls repeated a (message, attempt)",
+            self.fault,
+            v.repeated_hook_calls
+        );
+        anyhow::ensure!(
+            self.load.get("lost").and_then(Value::as_u64) == Some(0),
+            "{:?}: the load counted lost messages",
+            self.fault
+        );
+        Ok(())
+    }
+}
+
+/// Where the broker is and how to break it.
+pub struct Broker<'a> {
+    pub rabbit: &'a Rabbit,
+    /// For [`Fault::TwoCallbacks`]: a fresh PostgreSQL database URL.
+    pub postgres_url: Option<String>,
+}
+
+/// Runs one row: deployment, load, fault at the chosen moment, settle, verdict, stop.
+pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scenario) -> Result<Outcome> {
+    if scenario.fault == Fault::Mixed {
+        return run_mixed(broker, bin_dir, scenario, 1).await;
+    }
+    let started = Instant::now();
+    let vhost = broker.rabbit.fresh_vhost().await?;
+    let fault = scenario.fault;
+    let mut opts = DeployOptions::new(&scenario.dir, vhost.url.clone());
+    opts.deferral = scenario.deferral;
+    let mut load = LoadOptions { rate: scenario.rate, ..LoadOptions::new(scenario.orders) };
+
+    // Proxies exist only for the rows that break the network.
+    let mut amqp_proxy = None;
+    let mut hook_proxy = None;
+    match fault {
+        Fault::BusinessDropped => load.skip_publish_rate = 0.1,
+        Fault::ConfirmDropped => opts.consumer_faults.drop_confirm_rate = 0.1,
+        Fault::ConnectionsCut => {
+            let proxy = FaultProxy::start(socket_addr(&vhost.url)?)?;
+            opts.amqp_url = proxy.url_for(&vhost.url);
+            amqp_proxy = Some(proxy);
+        }
+        Fault::HookDown => {
+            let port = free_port()?;
+            let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], port)))?;
+            opts.orders_port = Some(port);
+            opts.hook_addr = Some(format!("http://{}", proxy.addr()));
+            // Let the load create orders whose checks need the hook while it is down.
+            load.skip_publish_rate = 0.1;
+            hook_proxy = Some(proxy);
+        }
+        Fault::TwoCallbacks => {
+            opts.callbacks = 2;
+            opts.callback_database_url =
+                Some(broker.postgres_url.clone().context("two callbacks need a PostgreSQL database")?);
+            load.skip_publish_rate = 0.05;
+            opts.consumer_faults.drop_confirm_rate = 0.05;
+        }
+        _ => {}
+    }
+    let mut deployment = Deployment::start(bin_dir, &opts).await?;
+    let running = deployment.spawn_load(&load)?;
+
+    let target = ((scenario.orders as f64) * scenario.at).ceil() as u64;
+    let committed_at_fault = deployment.wait_committed(target, Duration::from_secs(120)).await?;
+    tracing::info!(?fault, committed_at_fault, "injecting the fault");
+    let outage = scenario.outage;
+    match fault {
+        Fault::None | Fault::BusinessDropped | Fault::ConfirmDropped | Fault::TwoCallbacks | Fault::Mixed => {
+        }
+        Fault::ConsumerKilled => bounce(&mut deployment, Role::Downstream, outage).await?,
+        Fault::CallbackKilled => bounce(&mut deployment, Role::Callback(0), outage).await?,
+        Fault::ConsumerDown => bounce(&mut deployment, Role::Downstream, outage).await?,
+        Fault::HookDown => {
+            let proxy = hook_proxy.as_ref().expect("set up above");
+            proxy.refuse(true);
+            proxy.cut();
+            sleep(outage).await;
+            proxy.refuse(false);
+        }
+        Fault::BrokerRestart => {
+            broker.rabbit.stop_app().await?;
+            sleep(outage).await;
+            broker.rabbit.start_app().await?;
+        }
+        Fault::MemoryAlarm => {
+            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]).await?;
+            sleep(outage).await;
+            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
+        }
+        Fault::ConnectionsCut => amqp_proxy.as_ref().expect("set up above").cut(),
+    }
+    let recovered = Instant::now();
+
+    let load = crate::deploy::finish_load(running).await?;
+    let verdict = deployment.wait_settled(scenario.settle_within).await?;
+    let reconcile_s = recovered.elapsed().as_secs_f64();
+    deployment.stop().await?;
+    drop((amqp_proxy, hook_proxy));
+    Ok(Outcome {
+        fault,
+        orders: scenario.orders,
+        deferral: scenario.deferral,
+        verdict,
+        load,
+        committed_at_fault,
+        reconcile_s,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A long run with background faults on and the disruptive ones fired at random moments.
+pub async fn run_mixed(
+    broker: &Broker<'_>,
+    bin_dir: &std::path::Path,
+    scenario: &Scenario,
+    seed: u64,
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let vhost = broker.rabbit.fresh_vhost().await?;
+    let proxy = FaultProxy::start(socket_addr(&vhost.url)?)?;
+    let mut opts = DeployOptions::new(&scenario.dir, proxy.url_for(&vhost.url));
+    opts.consumer_faults =
+        ConsumerFaults { drop_confirm_rate: 0.02, fail_rate: 0.02, reject_rate: 0.01, slow_ms: 0 };
+    let load = LoadOptions {
+        rate: scenario.rate,
+        skip_publish_rate: 0.02,
+        abort_after_check_rate: 0.02,
+        ..LoadOptions::new(scenario.orders)
+    };
+    let mut deployment = Deployment::start(bin_dir, &opts).await?;
+    let running = deployment.spawn_load(&load)?;
+    let duration = Duration::from_secs_f64(scenario.orders as f64 / scenario.rate.max(1) as f64);
+    let disruptive = [
+        Fault::ConsumerKilled,
+        Fault::CallbackKilled,
+        Fault::BrokerRestart,
+        Fault::MemoryAlarm,
+        Fault::ConnectionsCut,
+    ];
+    let mut at = Duration::ZERO;
+    let mut fired = 0;
+    loop {
+        at += Duration::from_secs_f64(rng.random_range(0.1..0.25) * duration.as_secs_f64());
+        if at >= duration {
+            break;
+        }
+        sleep(at.saturating_sub(started.elapsed())).await;
+        let fault = disruptive[rng.random_range(0..disruptive.len())];
+        let outage = Duration::from_millis(rng.random_range(1_000..5_000));
+        tracing::info!(?fault, ?outage, "chaos: injecting");
+        eprintln!("chaos: {:>6.1}s {fault:?} for {outage:?}", started.elapsed().as_secs_f64());
+        match fault {
+            Fault::ConsumerKilled => bounce(&mut deployment, Role::Downstream, outage).await?,
+            Fault::CallbackKilled => bounce(&mut deployment, Role::Callback(0), outage).await?,
+            Fault::BrokerRestart => {
+                broker.rabbit.stop_app().await?;
+                sleep(outage).await;
+                broker.rabbit.start_app().await?;
+            }
+            Fault::MemoryAlarm => {
+                broker.rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]).await?;
+                sleep(outage).await;
+                broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
+            }
+            _ => proxy.cut(),
+        }
+        fired += 1;
+    }
+    let recovered = Instant::now();
+    let load = crate::deploy::finish_load(running).await?;
+    let verdict = deployment.wait_settled(scenario.settle_within).await?;
+    let reconcile_s = recovered.elapsed().as_secs_f64();
+    deployment.stop().await?;
+    tracing::info!(fired, "chaos run done");
+    Ok(Outcome {
+        fault: Fault::Mixed,
+        orders: scenario.orders,
+        deferral: true,
+        verdict,
+        load,
+        committed_at_fault: 0,
+        reconcile_s,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// kill -9, a pause, start again.
+async fn bounce(deployment: &mut Deployment, role: Role, outage: Duration) -> Result<()> {
+    deployment.kill(role).await?;
+    sleep(outage).await;
+    deployment.start_service(role).await
+}
+
+/// `host:port` of an AMQP URL as a socket address.
+fn socket_addr(url: &str) -> Result<SocketAddr> {
+    let host_port = urls::host_port(url, 5672);
+    host_port.parse().with_context(|| format!("{host_port:?} is not an IP socket address"))
+}

@@ -1,0 +1,107 @@
+//! The fault matrix, small: each row runs the three real binaries under load, injects one fault
+//! mid-load, and asserts from the stores that nothing committed was lost, points == confirmed,
+//! everything settled and no (message, attempt) reached the hook twice. `scripts/chaos` runs the
+//! same rows big.
+//!
+//! The rows run one at a time: several break the shared broker (restart, memory alarm), and two
+//! cores cannot run two deployments under load side by side anyway.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use recheck_tests::faults::{self, Broker, Fault, Outcome, Scenario};
+use tokio::sync::Mutex;
+
+const ORDERS: u64 = 2_000;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+async fn row(fault: Fault, tune: impl FnOnce(&mut Scenario)) -> Outcome {
+    recheck_tests::init_tracing();
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let kit = recheck_tests::kit().await;
+    let postgres_url = match fault {
+        Fault::TwoCallbacks => Some(kit.postgres.fresh_database().await.unwrap().url),
+        _ => None,
+    };
+    let broker = Broker { rabbit: &kit.rabbit, postgres_url };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-{fault:?}"));
+    let mut scenario = Scenario::new(fault, ORDERS, dir);
+    tune(&mut scenario);
+    let outcome = faults::run(&broker, &recheck_tests::demo::bin_dir().unwrap(), &scenario).await.unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&outcome).unwrap());
+    outcome.check().unwrap();
+    assert!(
+        outcome.committed_at_fault < outcome.verdict.committed,
+        "the fault fired after the load ended ({} of {} committed)",
+        outcome.committed_at_fault,
+        outcome.verdict.committed
+    );
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_message_dropped() {
+    let o = row(Fault::BusinessDropped, |_| {}).await;
+    let skipped = o.load["skipped_publish"].as_u64().unwrap();
+    assert!(skipped > 0, "no publish was skipped");
+    assert!(o.verdict.resent_messages >= skipped, "a dropped business message was not resent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_dropped() {
+    let o = row(Fault::ConfirmDropped, |_| {}).await;
+    assert!(o.verdict.resent_messages > 0, "no resend after dropped confirms");
+    assert!(o.verdict.duplicates_absorbed > 0, "the resends were not absorbed as duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_killed_mid_batch() {
+    row(Fault::ConsumerKilled, |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_service_killed_mid_batch() {
+    row(Fault::CallbackKilled, |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_hook_down_for_several_check_rounds() {
+    // Tiers are 1 s, 3 s, 5 s: 12 s down spans several rounds of every dropped message's checks.
+    let o = row(Fault::HookDown, |s| s.outage = Duration::from_secs(12)).await;
+    assert_eq!(o.verdict.failed, 0, "a message failed although the hook came back");
+    assert!(o.verdict.resent_messages > 0, "nothing was resent after the hook came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_load() {
+    row(Fault::BrokerRestart, |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alarm_mid_load() {
+    row(Fault::MemoryAlarm, |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_broker_connections_cut_mid_load() {
+    row(Fault::ConnectionsCut, |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_callback_services_on_one_postgres_store() {
+    let o = row(Fault::TwoCallbacks, |_| {}).await;
+    assert!(o.verdict.hook_calls > 0, "no hook calls: nothing tested the two instances' claims");
+}
+
+/// No resend storm: the consumer is down for longer than the check delay (3 s) while the load
+/// goes on; with the backlog deferral, its checks wait instead of resending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_down_longer_than_the_check_delay_no_resend_storm() {
+    let o = row(Fault::ConsumerDown, |s| {
+        s.at = 0.2;
+        s.outage = Duration::from_secs(8);
+    })
+    .await;
+    assert!(o.resent_share() <= 0.01, "resent {:.2} % of messages", o.resent_share() * 100.0);
+}
