@@ -105,3 +105,17 @@ async fn consumer_down_longer_than_the_check_delay_no_resend_storm() {
     .await;
     assert!(o.resent_share() <= 0.01, "resent {:.2} % of messages", o.resent_share() * 100.0);
 }
+
+/// The same outage without the deferral: the checks that come due while the consumer is down
+/// resend into its backlog. Shows the storm test above measures the deferral, not luck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_down_without_deferral_resends_into_the_backlog() {
+    let o = row(Fault::ConsumerDown, |s| {
+        s.at = 0.2;
+        s.outage = Duration::from_secs(8);
+        s.deferral = false;
+        s.dir.set_file_name("faults-ConsumerDown-no-deferral");
+    })
+    .await;
+    assert!(o.resent_share() > 0.05, "only {:.2} % resent without the deferral", o.resent_share() * 100.0);
+}
