@@ -30,6 +30,8 @@ pub fn init_tracing(directives: Option<&str>) -> Result<(), tracing_subscriber::
         Some(d) => EnvFilter::try_new(d)?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour codes only for a person at a terminal, not in log files and collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     Ok(())
 }
