@@ -33,6 +33,8 @@ pub enum Fault {
     ConsumerKilled,
     /// The callback service killed with -9 mid-batch, restarted after a pause.
     CallbackKilled,
+    /// upstream-demo killed with -9 mid-load (orders committed, not yet published), restarted.
+    ProducerKilled,
     /// The producer's hook unreachable for several check rounds (connections refused).
     HookDown,
     /// `rabbitmqctl stop_app`, a pause, `start_app`.
@@ -193,6 +195,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
         }
         Fault::ConsumerKilled => bounce(&mut deployment, Role::Downstream, outage).await?,
         Fault::CallbackKilled => bounce(&mut deployment, Role::Callback(0), outage).await?,
+        Fault::ProducerKilled => bounce(&mut deployment, Role::Upstream, outage).await?,
         Fault::ConsumerDown => bounce(&mut deployment, Role::Downstream, outage).await?,
         Fault::HookDown => {
             let proxy = hook_proxy.as_ref().expect("set up above");
@@ -277,6 +280,12 @@ pub async fn run_mixed(
         match fault {
             Fault::ConsumerKilled => bounce(&mut deployment, Role::Downstream, outage).await?,
             Fault::CallbackKilled => bounce(&mut deployment, Role::Callback(0), outage).await?,
+            Fault::ProducerKilled => bounce(&mut deployment, Role::Upstream, outage).await?,
+            Fault::None => {
+                proxy.stall();
+                sleep(outage).await;
+                proxy.resume();
+            }
             Fault::BrokerRestart => {
                 broker.rabbit.stop_app().await?;
                 sleep(outage).await;

@@ -65,6 +65,12 @@ async fn callback_service_killed_mid_batch() {
     row(Fault::CallbackKilled, |_| {}).await;
 }
 
+/// Orders committed but not yet published when the producer dies are resent by their checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_killed_mid_load() {
+    row(Fault::ProducerKilled, |_| {}).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_hook_down_for_several_check_rounds() {
     // Tiers are 1 s, 3 s, 5 s: 12 s down spans several rounds of every dropped message's checks.

@@ -39,6 +39,7 @@ fn plan(args: &Args) -> Vec<Scenario> {
         ConfirmDropped,
         ConsumerKilled,
         CallbackKilled,
+        ProducerKilled,
         HookDown,
         BrokerRestart,
         MemoryAlarm,
