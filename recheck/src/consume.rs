@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Confirmer, Inbox, Publisher, Result, Subscription, SubscriptionConfig, Topology,
     hook::BoxError,
-    message::{BusinessHeaders, Confirm, Outcome, now_ms},
+    message::{BusinessHeaders, Confirm, DecodeError, Outcome, now_ms},
     parking::park,
 };
 
@@ -74,6 +74,8 @@ pub struct ConsumerConfig {
     pub batch_size: usize,
     /// How long to wait for more deliveries before handling a partial batch.
     pub batch_linger: Duration,
+    /// Largest business body accepted; a larger one is parked. `None`: the broker's limit only.
+    pub max_body_bytes: Option<usize>,
 }
 
 impl ConsumerConfig {
@@ -84,6 +86,7 @@ impl ConsumerConfig {
             prefetch: 256,
             batch_size: 128,
             batch_linger: Duration::from_millis(5),
+            max_body_bytes: None,
         }
     }
 }
@@ -173,7 +176,7 @@ impl<E: Effect> ConsumerLoop<E> {
         let mut report = BatchReport::default();
         let mut pending = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            match BusinessHeaders::from_properties(&d.properties) {
+            match self.validate(&d) {
                 Ok(h) => pending.push((d, h)),
                 Err(e) => {
                     let queue = &self.config.queue;
@@ -207,6 +210,15 @@ impl<E: Effect> ConsumerLoop<E> {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
         Ok(report)
+    }
+
+    /// What the SDK can tell is wrong with a delivery before the effect sees it.
+    fn validate(&self, d: &Delivery) -> Result<BusinessHeaders, DecodeError> {
+        let headers = BusinessHeaders::from_properties(&d.properties)?;
+        match self.config.max_body_bytes {
+            Some(max) if d.data.len() > max => Err(DecodeError::TooLarge(d.data.len(), max)),
+            _ => Ok(headers),
+        }
     }
 
     /// One transaction for the batch, one savepoint per message: a transient

@@ -125,6 +125,8 @@ pub enum DecodeError {
     InvalidId(String),
     #[error("header {0} is invalid: {1}")]
     Header(&'static str, String),
+    #[error("field {0} is invalid: {1}")]
+    Field(&'static str, String),
 }
 
 /// What a decoder needs to know of a delivery besides its body.
@@ -172,6 +174,35 @@ fn check_ids<'a>(ids: impl ExactSizeIterator<Item = &'a Uuid>, limits: Limits) -
     Ok(())
 }
 
+/// Text that every store can hold: PostgreSQL refuses U+0000 in `text`, and a
+/// refused row would fail the whole store transaction, good neighbours included.
+fn check_text(field: &'static str, text: &str) -> Result<(), DecodeError> {
+    if text.contains('\0') {
+        return Err(DecodeError::Field(field, "contains U+0000 (NUL)".into()));
+    }
+    Ok(())
+}
+
+/// One check: a routing key, storable text, and values the state machine can do
+/// arithmetic on (a next attempt exists; now − `published_at` cannot overflow).
+fn check_entry(c: &Check) -> Result<(), DecodeError> {
+    if c.routing_key.is_empty() {
+        return Err(DecodeError::Missing("checks[].routing_key"));
+    }
+    if c.attempt == u32::MAX {
+        return Err(DecodeError::Field("checks[].attempt", format!("{} leaves no next attempt", c.attempt)));
+    }
+    if c.published_at < 0 {
+        return Err(DecodeError::Field(
+            "checks[].published_at",
+            format!("{} is before 1970", c.published_at),
+        ));
+    }
+    check_text("checks[].routing_key", &c.routing_key)?;
+    check_text("checks[].business_key", &c.business_key)?;
+    c.expect.iter().flatten().try_for_each(|consumer| check_text("checks[].expect", consumer))
+}
+
 impl CheckBatch {
     pub fn new(producer: impl Into<String>, checks: Vec<Check>) -> Self {
         Self { v: VERSION, producer: producer.into(), checks }
@@ -184,10 +215,9 @@ impl CheckBatch {
         if batch.producer.is_empty() {
             return Err(DecodeError::Missing("producer"));
         }
+        check_text("producer", &batch.producer)?;
         check_ids(batch.checks.iter().map(|c| &c.message_id), limits)?;
-        if batch.checks.iter().any(|c| c.routing_key.is_empty()) {
-            return Err(DecodeError::Missing("checks[].routing_key"));
-        }
+        batch.checks.iter().try_for_each(check_entry)?;
         Ok(batch)
     }
 }
@@ -204,7 +234,10 @@ impl ConfirmBatch {
         if batch.consumer.is_empty() {
             return Err(DecodeError::Missing("consumer"));
         }
+        check_text("consumer", &batch.consumer)?;
         check_ids(batch.confirms.iter().map(|c| &c.message_id), limits)?;
+        let mut details = batch.confirms.iter().filter_map(|c| c.detail.as_deref());
+        details.try_for_each(|detail| check_text("confirms[].detail", detail))?;
         Ok(batch)
     }
 }
