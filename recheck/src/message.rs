@@ -183,11 +183,19 @@ fn check_text(field: &'static str, text: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// One check: a routing key, storable text, and values the state machine can do
+/// AMQP short strings (routing keys among them) hold at most 255 bytes.
+const MAX_ROUTING_KEY_BYTES: usize = 255;
+
+/// One check: a routing key AMQP can carry, storable text, and values the state machine can do
 /// arithmetic on (a next attempt exists; now − `published_at` cannot overflow).
 fn check_entry(c: &Check) -> Result<(), DecodeError> {
     if c.routing_key.is_empty() {
         return Err(DecodeError::Missing("checks[].routing_key"));
+    }
+    // A resend publishes with it, and lapin panics on a routing key AMQP cannot carry.
+    if c.routing_key.len() > MAX_ROUTING_KEY_BYTES {
+        let len = c.routing_key.len();
+        return Err(DecodeError::Field("checks[].routing_key", format!("{len} bytes, AMQP allows 255")));
     }
     if c.attempt == u32::MAX {
         return Err(DecodeError::Field("checks[].attempt", format!("{} leaves no next attempt", c.attempt)));

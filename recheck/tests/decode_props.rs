@@ -39,10 +39,20 @@ fn limits() -> impl Strategy<Value = Limits> {
     (0..4096usize, 0..64usize).prop_map(|(max_body_bytes, max_ids)| Limits { max_body_bytes, max_ids })
 }
 
+/// AMQP routing keys hold at most 255 bytes.
+fn routing_key() -> impl Strategy<Value = String> {
+    name().prop_map(|mut s| {
+        while s.len() > 255 {
+            s.pop();
+        }
+        s
+    })
+}
+
 fn check() -> impl Strategy<Value = Check> {
     (
         any_uuid(),
-        name(),
+        routing_key(),
         text(),
         0..u32::MAX,
         0..=i64::MAX,
@@ -284,14 +294,21 @@ proptest! {
         prop_assert!(matches!(ConfirmBatch::decode(&body, None, Limits::default()), Err(DecodeError::Field(..))));
     }
 
-    /// The last attempt (no next one) and timestamps before 1970 are refused.
+    /// The last attempt (no next one), routing keys AMQP cannot carry and timestamps before 1970 are refused.
     #[test]
-    fn overflowing_check_values_are_refused(batch in check_batch(), i in any::<prop::sample::Index>(), published_at in i64::MIN..0) {
+    fn unusable_check_values_are_refused(batch in check_batch(), i in any::<prop::sample::Index>(), published_at in i64::MIN..0) {
         let i = i.index(batch.checks.len());
         let mut last = batch.clone();
         last.checks[i].attempt = u32::MAX;
         let body = serde_json::to_vec(&last).unwrap();
         prop_assert!(matches!(CheckBatch::decode(&body, None, Limits::default()), Err(DecodeError::Field("checks[].attempt", _))));
+        let mut long = batch.clone();
+        long.checks[i].routing_key = "k".repeat(256);
+        let body = serde_json::to_vec(&long).unwrap();
+        prop_assert!(matches!(
+            CheckBatch::decode(&body, None, Limits::default()),
+            Err(DecodeError::Field("checks[].routing_key", _))
+        ));
         let mut old = batch;
         old.checks[i].published_at = published_at;
         let body = serde_json::to_vec(&old).unwrap();

@@ -180,6 +180,11 @@ pub fn callback_rows() -> Vec<Row> {
     let ghost = Uuid::now_v7();
     rows.extend([
         parked("empty routing key", edited_entry(checks, |e| e["routing_key"] = json!("")), "routing_key"),
+        parked(
+            "routing key over 255 bytes",
+            edited_entry(checks, |e| e["routing_key"] = json!("k".repeat(256))),
+            "routing_key",
+        ),
         parked("negative attempt", edited_entry(checks, |e| e["attempt"] = json!(-1)), "invalid JSON"),
         parked("last attempt", edited_entry(checks, |e| e["attempt"] = json!(u32::MAX)), "attempt"),
         parked(
