@@ -5,7 +5,12 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use recheck::{Publisher, SubscriptionConfig, message::now_ms};
+use recheck::{
+    Publisher, SubscriptionConfig,
+    message::now_ms,
+    ops::{OpsServer, Readiness, report_health},
+    telemetry,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +27,9 @@ use crate::{
     store::Store,
 };
 
+/// How often `recheck_messages{status}` is refreshed from the store.
+pub const STATUS_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A started callback service: store migrated, topology declared, listener bound.
 pub struct App {
     config: Config,
@@ -30,6 +38,7 @@ pub struct App {
     registry: Arc<ProducerRegistry>,
     listener: TcpListener,
     grpc_addr: SocketAddr,
+    ops: OpsServer,
 }
 
 pub async fn build(config: Config) -> anyhow::Result<App> {
@@ -40,13 +49,19 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    Ok(App { config, store, publisher, registry, listener, grpc_addr })
+    let ops = config.ops.bind().await.with_context(|| format!("binding {}", config.ops.ops_addr))?;
+    Ok(App { config, store, publisher, registry, listener, grpc_addr, ops })
 }
 
 impl App {
     /// The bound gRPC address (the real port when the configured one was 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The bound ops HTTP address (`/metrics`, `/healthz`, `/readyz`).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops.local_addr()
     }
 
     pub fn config(&self) -> &Config {
@@ -111,7 +126,9 @@ impl App {
             topology: topology.clone(),
             checks: reconciler.counters.clone(),
         };
-        let (_health_reporter, health) = tonic_health::server::health_reporter();
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        let readiness = Readiness::new().broker(&self.publisher).store(self.store.pool());
+        let health_names = [recheck_proto::v1::admin_server::SERVICE_NAME];
         tracing::info!(grpc_addr = %self.grpc_addr, producers = self.registry.len(), "callback service started");
 
         let grpc = Server::builder()
@@ -121,16 +138,35 @@ impl App {
                 TcpListenerStream::new(self.listener),
                 shutdown.clone().cancelled_owned(),
             );
-        let (served, checked, ingested, ()) = tokio::join!(
+        let (served, checked, ingested, (), ops, (), ()) = tokio::join!(
             grpc,
             reconciler.run(checks, shutdown.clone()),
             ingest.run(confirms, shutdown.clone()),
             purge(&self.store, c.retention, c.purge_interval, &shutdown),
+            self.ops.serve(readiness.clone(), shutdown.clone()),
+            report_health(readiness, health_reporter, &health_names, shutdown.clone()),
+            status_gauge(&self.store, &shutdown),
         );
         self.publisher.close().await;
         served.context("serving gRPC")?;
+        ops.context("serving the ops endpoints")?;
         checked.context("processing checks")?;
         ingested.context("ingesting confirms")
+    }
+}
+
+/// `recheck_messages{status}`: the store's counts per status, every few seconds.
+async fn status_gauge(store: &Store, shutdown: &CancellationToken) {
+    let mut tick = tokio::time::interval(STATUS_GAUGE_INTERVAL);
+    while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
+        match store.counts().await {
+            Ok(counts) => {
+                for (status, n) in counts {
+                    metrics::gauge!(telemetry::MESSAGES, "status" => status.as_str()).set(n as f64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting messages per status failed"),
+        }
     }
 }
 

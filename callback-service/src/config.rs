@@ -11,6 +11,7 @@ use crate::{breaker::BreakerConfig, registry::ProducerEntry};
 /// The service's settings. The binary wraps it in [`crate::cli::Cli`]; tests build it
 /// with [`Config::for_tests`] and then change fields.
 #[derive(Debug, Clone, Parser)]
+#[command(mut_arg("ops_addr", |a| a.default_value("127.0.0.1:9051")))]
 pub struct Config {
     #[command(flatten)]
     pub broker: recheck::service::BrokerArgs,
@@ -22,6 +23,9 @@ pub struct Config {
     /// Address of the gRPC listener (`Admin`, health); port 0 picks a free port.
     #[arg(long, env = "RECHECK_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub ops: recheck::ops::OpsArgs,
 
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]
@@ -137,6 +141,7 @@ impl Config {
 
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
+        config.ops.ops_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         self.broker.topology()
     }
 
@@ -176,6 +181,8 @@ mod tests {
     #[test]
     fn producers_flag_splits_on_commas() {
         let c = Config::parse_from([
+        assert_eq!(c.ops.ops_addr.port(), 0);
+        assert_eq!(Config::parse_from(["callback-service"]).ops.ops_addr.port(), 9051);
             "callback-service",
             "--producers",
             "orders=http://127.0.0.1:50061, billing=http://h:1 tok",

@@ -13,8 +13,9 @@ use lapin::{
 };
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
-    message::{Confirm, ConfirmBatch, Limits},
+    message::{Confirm, ConfirmBatch, Limits, Outcome},
     parking::park,
+    telemetry,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -69,7 +70,7 @@ impl ConfirmIngest {
                 }
                 Err(e) => {
                     let queue = self.topology.confirms_queue();
-                    if let Err(e) = park(&self.publisher, &self.topology, &queue, &d, &e.to_string()).await {
+                    if let Err(e) = park(&self.publisher, &self.topology, &queue, &d, &e).await {
                         // Not parked, so not acked: it comes back and is parked then.
                         tracing::warn!(error = %e, "parking failed; redelivering");
                         let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
@@ -86,6 +87,7 @@ impl ConfirmIngest {
         match self.store.ingest_confirms(&confirms).await {
             Ok(report) => {
                 self.counters.confirms.fetch_add(confirms.len() as u64, Ordering::Relaxed);
+                record(&confirms, &report);
                 let last = good.iter().max_by_key(|d| d.delivery_tag).expect("not empty");
                 last.acker.ack(BasicAckOptions { multiple: true }).await?;
                 Ok(report)
@@ -96,6 +98,29 @@ impl ConfirmIngest {
                 }
                 Err(e.into())
             }
+        }
+    }
+}
+
+/// The metrics of one stored batch: confirms by consumer and outcome, the batch size, late
+/// confirms recovered, and publish-to-confirmed for each first confirm (not `duplicate`s).
+fn record(confirms: &[(String, Confirm)], report: &IngestReport) {
+    let received = std::time::SystemTime::now();
+    metrics::histogram!(telemetry::INGEST_BATCH_SIZE).record(confirms.len() as f64);
+    metrics::counter!(telemetry::RECOVERED).increment(report.recovered as u64);
+    for (consumer, confirm) in confirms {
+        let outcome = confirm.outcome.as_str();
+        metrics::counter!(telemetry::CONFIRMS, "consumer" => consumer.clone(), "outcome" => outcome)
+            .increment(1);
+        if confirm.outcome == Outcome::Duplicate {
+            continue;
+        }
+        // The producer chose a UUIDv7 when it prepared the message: its time is `published_at`.
+        let Some((secs, nanos)) = confirm.message_id.get_timestamp().map(|t| t.to_unix()) else { continue };
+        let published = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+        if let Ok(latency) = received.duration_since(published) {
+            metrics::histogram!(telemetry::CONFIRM_LATENCY_SECONDS, "consumer" => consumer.clone())
+                .record(latency.as_secs_f64());
         }
     }
 }

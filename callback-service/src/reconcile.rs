@@ -26,8 +26,9 @@ use recheck::{
     message::{Check, CheckBatch, Limits, now_ms},
     parking::park,
     producer::publish_checks,
+    telemetry,
 };
-use recheck_proto::v1::{ResendOutcome, ResendRequest};
+use recheck_proto::v1::{ResendOutcome, ResendRequest, ResendResponse};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -165,19 +166,13 @@ impl Reconciler {
         let batch = match CheckBatch::decode(&delivery.data, content_type, self.limits) {
             Ok(batch) => batch,
             Err(e) => {
-                park(
-                    &self.publisher,
-                    &self.topology,
-                    &self.topology.checks_queue(),
-                    delivery,
-                    &e.to_string(),
-                )
-                .await?;
+                park(&self.publisher, &self.topology, &self.topology.checks_queue(), delivery, &e).await?;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 self.counters.parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         };
+        metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
         let plans = futures_util::future::try_join_all(
             batch.checks.iter().map(|check| self.decide(&batch.producer, check)),
         )
@@ -220,6 +215,9 @@ impl Reconciler {
             }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
+        for plan in &plans {
+            metrics::counter!(telemetry::CHECKS, "result" => plan.result()).increment(1);
+        }
         Ok(())
     }
 
@@ -253,6 +251,7 @@ impl Reconciler {
                 return Ok(Plan::Finish { attempt: n, outcome: failed(reason), next: None });
             }
             self.counters.circuit_deferred.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::CHECKS_DEFERRED, "reason" => "circuit").increment(1);
             // No claim: the attempt and the resend budget stay untouched while the producer is down.
             return Ok(Plan::Defer { check: check.clone(), delay: retry_in.max(self.shortest_tier()) });
         }
@@ -271,8 +270,10 @@ impl Reconciler {
         };
         let slot = self.slot(producer).acquire_owned().await?;
         self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let answer = client.resend(request, self.policy.rpc_timeout).await;
         drop(slot);
+        record_rpc(producer, started.elapsed(), &answer);
         match &answer {
             Ok(_) => self.breakers.success(producer),
             Err(_) => self.breakers.failure(producer),
@@ -324,6 +325,7 @@ impl Reconciler {
         }
         let (queue, depth) = backlog.behind(check.expect.as_deref()).await?;
         self.counters.deferred.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::CHECKS_DEFERRED, "reason" => "backlog").increment(1);
         tracing::debug!(message_id = %check.message_id, %queue, depth, "consumer behind; check deferred");
         // Back off with the message's age (no state to keep): a long backlog is
         // looked at less and less often, within the deferral bound.
@@ -386,6 +388,34 @@ pub async fn publish_redrive(
     };
     let delay = topology.tiers.first().copied().unwrap_or_default();
     publish_checks(publisher, topology, &CheckBatch::new(row.producer.clone(), vec![check]), delay).await
+}
+
+impl Plan {
+    /// The `result` label of `recheck_checks_total`.
+    fn result(&self) -> &'static str {
+        match self {
+            Plan::Done => "done",
+            Plan::Finish { outcome: AttemptOutcome::Resent { .. }, .. } => "resent",
+            Plan::Finish { outcome: AttemptOutcome::Retry { .. }, .. } => "retry",
+            Plan::Finish { outcome: AttemptOutcome::Terminal { status, .. }, .. } => status.as_str(),
+            Plan::Takeover { .. } => "takeover",
+            Plan::Watch { .. } => "watch",
+            Plan::Defer { .. } => "deferred",
+        }
+    }
+}
+
+/// `recheck_hook_rpc_seconds` and `recheck_resends_total` for one `Resend` RPC.
+fn record_rpc(producer: &str, took: Duration, answer: &Result<ResendResponse, tonic::Status>) {
+    let outcome = match answer {
+        // RESENT → resent, NOT_FOUND → not_found, RETRY_LATER → retry_later.
+        Ok(r) => r.outcome().as_str_name().to_ascii_lowercase(),
+        Err(status) => telemetry::code_label(status.code()),
+    };
+    metrics::histogram!(telemetry::HOOK_RPC_SECONDS, "producer" => producer.to_owned())
+        .record(took.as_secs_f64());
+    metrics::counter!(telemetry::RESENDS, "producer" => producer.to_owned(), "outcome" => outcome)
+        .increment(1);
 }
 
 fn failed(reason: String) -> AttemptOutcome {

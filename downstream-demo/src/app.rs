@@ -2,10 +2,13 @@
 //! broker, topology, the consumer's queue), so [`App::run`] only consumes
 //! until told to stop.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use recheck::{Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, Topology};
+use recheck::{
+    Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, Topology,
+    ops::{OpsServer, Readiness},
+};
 use sqlx::AnyPool;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +23,7 @@ pub struct App {
     pool: AnyPool,
     publisher: Publisher,
     topology: Topology,
+    ops: OpsServer,
 }
 
 /// Opens the store, connects to RabbitMQ, declares the topology and the consumer's queue.
@@ -33,12 +37,18 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         .await
         .with_context(|| format!("declaring the consumer queue {}", config.queue))?;
     channel.close(200, "topology declared".into()).await?;
-    Ok(App { config, pool, publisher, topology })
+    let ops = config.ops.bind().await.with_context(|| format!("binding {}", config.ops.ops_addr))?;
+    Ok(App { config, pool, publisher, topology, ops })
 }
 
 impl App {
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The bound ops HTTP address (`/metrics`, `/healthz`, `/readyz`).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops.local_addr()
     }
 
     /// The points store (tests and `stats` read it).
@@ -76,7 +86,10 @@ impl App {
         }
 
         tracing::info!(consumer = %c.store.consumer, queue = %c.queue, "downstream demo started");
-        let report = consumer.run(shutdown).await.context("consuming")?;
+        let readiness = Readiness::new().broker(&self.publisher).store(&self.pool);
+        let (report, ops) = tokio::join!(consumer.run(shutdown.clone()), self.ops.serve(readiness, shutdown));
+        ops.context("serving the ops endpoints")?;
+        let report = report.context("consuming")?;
         tracing::info!(?report, "consumer stopped");
         self.publisher.close().await;
         self.pool.close().await;

@@ -39,12 +39,17 @@ pub struct StoreArgs {
 /// `serve`: the consumer service.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "downstream-demo")]
+#[command(mut_arg("ops_addr", |a| a.default_value("127.0.0.1:9071")))]
 pub struct Config {
     #[command(flatten)]
     pub broker: recheck::service::BrokerArgs,
 
     #[command(flatten)]
     pub store: StoreArgs,
+
+    /// No gRPC server here: `/healthz` and `/readyz` are this service's health.
+    #[command(flatten)]
+    pub ops: recheck::ops::OpsArgs,
 
     /// This consumer's queue, bound to the events exchange by `order.created`.
     #[arg(long, env = "RECHECK_QUEUE", default_value = "points.order-created")]

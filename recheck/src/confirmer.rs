@@ -5,6 +5,7 @@ use crate::{
     GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
     message::{Confirm, ConfirmBatch, Outcome},
     producer::json_properties,
+    telemetry,
 };
 
 /// A CONFIRM carries each id once (receivers refuse repeats): when a message and
@@ -42,7 +43,9 @@ impl Confirmer {
         let exchange = topology.confirms_exchange();
         let batches = GroupCommit::spawn(config, move |confirms| {
             let (publisher, exchange) = (publisher.clone(), exchange.clone());
-            let body = serde_json::to_vec(&ConfirmBatch::new(name.clone(), one_per_id(confirms)));
+            let batch = ConfirmBatch::new(name.clone(), one_per_id(confirms));
+            let (ids, body) = (batch.confirms.len(), serde_json::to_vec(&batch));
+            let consumer = name.clone();
             async move {
                 let body = body?;
                 publisher
@@ -52,7 +55,9 @@ impl Confirmer {
                         body: &body,
                         properties: json_properties(),
                     })
-                    .await
+                    .await?;
+                metrics::histogram!(telemetry::CONFIRM_BATCH_SIZE, "consumer" => consumer).record(ids as f64);
+                Ok(())
             }
         });
         Self { consumer, batches }

@@ -18,6 +18,7 @@ use crate::{
     hook::BoxError,
     message::{BusinessHeaders, Confirm, DecodeError, Outcome, now_ms},
     parking::park,
+    telemetry,
 };
 
 /// A business message as the effect sees it.
@@ -102,6 +103,22 @@ pub struct BatchReport {
     pub retried: usize,
 }
 
+impl BatchReport {
+    /// Adds the outcomes of a committed batch to `recheck_consumer_messages_total`.
+    fn record(&self, consumer: &str) {
+        let outcomes = [
+            ("processed", self.processed),
+            ("duplicate", self.duplicates),
+            ("rejected", self.rejected),
+            ("retried", self.retried),
+        ];
+        for (outcome, n) in outcomes.into_iter().filter(|(_, n)| *n > 0) {
+            metrics::counter!(telemetry::CONSUMED, "consumer" => consumer.to_owned(), "outcome" => outcome)
+                .increment(n as u64);
+        }
+    }
+}
+
 impl std::ops::AddAssign for BatchReport {
     fn add_assign(&mut self, o: Self) {
         self.processed += o.processed;
@@ -174,13 +191,15 @@ impl<E: Effect> ConsumerLoop<E> {
     #[tracing::instrument(skip_all, fields(consumer = %self.config.consumer, n = deliveries.len()))]
     pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Result<BatchReport> {
         let mut report = BatchReport::default();
+        metrics::histogram!(telemetry::CONSUMER_BATCH_SIZE, "consumer" => self.config.consumer.clone())
+            .record(deliveries.len() as f64);
         let mut pending = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             match self.validate(&d) {
                 Ok(h) => pending.push((d, h)),
                 Err(e) => {
                     let queue = &self.config.queue;
-                    if let Err(e) = park(&self.publisher, &self.topology, queue, &d, &e.to_string()).await {
+                    if let Err(e) = park(&self.publisher, &self.topology, queue, &d, &e).await {
                         // Not parked, so not acked: it comes back and is parked then.
                         tracing::warn!(error = %e, "parking failed; redelivering");
                         let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
@@ -193,6 +212,8 @@ impl<E: Effect> ConsumerLoop<E> {
         }
         let settled = match self.commit(&mut pending, &mut report).await {
             Ok(mut confirms) => {
+                // Committed: the effects are durable whatever becomes of the CONFIRM.
+                report.record(&self.config.consumer);
                 if let Some(drop) = &self.drop_confirm {
                     confirms.retain(|c| !drop(c));
                 }

@@ -17,6 +17,9 @@
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
 
+//! - [`telemetry`]: the metric catalog (names, labels, help) every component records by.
+//! - `ops` (feature `service`): the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and gRPC
+//!   health, both from one set of readiness checks.
 pub mod confirmer;
 pub mod consume;
 pub mod db;
@@ -27,6 +30,8 @@ pub mod inbox;
 pub mod message;
 pub mod parking;
 pub mod producer;
+#[cfg(feature = "service")]
+pub mod ops;
 pub mod publisher;
 #[cfg(feature = "service")]
 pub mod service;
@@ -34,6 +39,7 @@ pub mod shutdown;
 pub mod subscription;
 pub mod topology;
 
+pub mod telemetry;
 pub use confirmer::Confirmer;
 pub use consume::{Applied, ConsumerConfig, ConsumerLoop, Effect, Incoming, Transient};
 pub use error::{Error, Result};

@@ -129,6 +129,26 @@ pub enum DecodeError {
     Field(&'static str, String),
 }
 
+impl DecodeError {
+    /// A short, fixed class of the error: the `reason` label of the parked-messages metric.
+    pub fn class(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::TooLarge(..) => "too_large",
+            DecodeError::ContentType(_) => "content_type",
+            DecodeError::Json(_) => "invalid_json",
+            DecodeError::Version(_) => "unsupported_version",
+            DecodeError::TooManyIds(..) => "too_many_ids",
+            DecodeError::EmptyBatch => "empty_batch",
+            DecodeError::DuplicateId(_) => "duplicate_id",
+            DecodeError::Missing(_) => "missing_field",
+            DecodeError::InvalidId(_) => "invalid_id",
+            DecodeError::Header(..) => "invalid_header",
+            DecodeError::Field(..) => "invalid_field",
+        }
+    }
+}
+
 /// What a decoder needs to know of a delivery besides its body.
 fn check_envelope(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<(), DecodeError> {
     if body.is_empty() {

@@ -5,8 +5,33 @@ use lapin::{message::Delivery, types::AMQPValue};
 
 use crate::{
     Outgoing, Publisher, Result, Topology,
-    message::{HEADER_PARK_REASON, HEADER_PARK_SOURCE},
+    message::{DecodeError, HEADER_PARK_REASON, HEADER_PARK_SOURCE},
+    telemetry,
 };
+
+/// Why a message is parked: the full text goes into its header, the short class into the
+/// `reason` label of `recheck_parked_total`.
+pub trait ParkReason: std::fmt::Display {
+    fn class(&self) -> &'static str;
+}
+
+impl ParkReason for DecodeError {
+    fn class(&self) -> &'static str {
+        DecodeError::class(self)
+    }
+}
+
+impl ParkReason for str {
+    fn class(&self) -> &'static str {
+        "other"
+    }
+}
+
+impl ParkReason for String {
+    fn class(&self) -> &'static str {
+        "other"
+    }
+}
 
 /// Publishes a copy of `delivery` (body and properties kept) to the parking
 /// exchange; the caller acks the original once this returns.
@@ -15,11 +40,11 @@ pub async fn park(
     topology: &Topology,
     source_queue: &str,
     delivery: &Delivery,
-    reason: &str,
+    reason: &(impl ParkReason + ?Sized),
 ) -> Result<()> {
     tracing::warn!(queue = source_queue, %reason, "parking a message");
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(HEADER_PARK_REASON.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(HEADER_PARK_REASON.into(), AMQPValue::LongString(reason.to_string().into()));
     headers.insert(HEADER_PARK_SOURCE.into(), AMQPValue::LongString(source_queue.into()));
     let exchange = topology.parking_exchange();
     publisher
@@ -29,5 +54,8 @@ pub async fn park(
             body: &delivery.data,
             properties: delivery.properties.clone().with_headers(headers),
         })
-        .await
+        .await?;
+    metrics::counter!(telemetry::PARKED, "queue" => source_queue.to_owned(), "reason" => reason.class())
+        .increment(1);
+    Ok(())
 }

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::{
     GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
     message::{BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, now_ms},
+    telemetry,
 };
 
 /// What a producer publishes after its business transaction.
@@ -98,6 +99,7 @@ impl Producer {
     pub async fn prepare(&self, event: Event) -> Result<Prepared> {
         let message_id = Uuid::now_v7();
         self.inner.checks.submit(self.check_for(message_id, &event)).await?;
+        metrics::counter!(telemetry::PREPARED, "producer" => self.name().to_owned()).increment(1);
         Ok(Prepared { producer: self.clone(), message_id, event })
     }
 
@@ -136,7 +138,11 @@ impl Producer {
                 body: payload,
                 properties: headers.to_properties().with_timestamp(now_secs()),
             })
-            .await
+            .await?;
+        let kind = if attempt == 0 { "original" } else { "resend" };
+        metrics::counter!(telemetry::BUSINESS_PUBLISHED, "producer" => self.name().to_owned(), "kind" => kind)
+            .increment(1);
+        Ok(())
     }
 
     fn check_for(&self, message_id: Uuid, event: &Event) -> Check {
@@ -179,7 +185,10 @@ pub async fn publish_checks(
             body: &body,
             properties: json_properties(),
         })
-        .await
+        .await?;
+    metrics::histogram!(telemetry::CHECK_BATCH_SIZE, "producer" => batch.producer.clone())
+        .record(batch.checks.len() as f64);
+    Ok(())
 }
 
 /// Properties of a CHECK / CONFIRM message: JSON, its own batch id.

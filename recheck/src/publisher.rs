@@ -18,7 +18,7 @@ use lapin::{
 };
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::{Error, Result};
+use crate::{Error, Result, telemetry};
 
 /// How a [`Publisher`] connects and how long it keeps trying.
 #[derive(Debug, Clone)]
@@ -183,9 +183,26 @@ impl Publisher {
             Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Error::Unroutable {
                 exchange: msg.exchange.to_owned(),
                 routing_key: msg.routing_key.to_owned(),
+    /// Index in `config().amqp_urls` of the broker the current connection went to.
+    pub fn address(&self) -> usize {
+        self.link().address
+    }
+
             }),
             Ok(Ok(Confirmation::Nack(_))) => Err(Error::Nacked { exchange: msg.exchange.to_owned() }),
         }
+        let (started, exchange) = (Instant::now(), msg.exchange.to_owned());
+        let result = self.publish_until_confirmed(msg).await;
+        let outcome = if result.is_ok() { "confirmed" } else { "failed" };
+        if result.is_ok() {
+            metrics::histogram!(telemetry::PUBLISH_SECONDS, "exchange" => exchange.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
+        metrics::counter!(telemetry::PUBLISHES, "exchange" => exchange, "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn publish_until_confirmed(&self, msg: Outgoing<'_>) -> Result<()> {
     }
 
     /// Waits (bounded) for lapin's auto-recover; `false` if it did not happen.

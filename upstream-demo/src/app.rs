@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use recheck::{Producer, ProducerConfig, ResendHookService};
+use recheck::{
+    Producer, ProducerConfig, ResendHookService,
+    ops::{OpsServer, Readiness, report_health},
+};
 use recheck_proto::demo::v1::orders_server::OrdersServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -20,6 +23,7 @@ pub struct App {
     producer: Producer,
     listener: TcpListener,
     grpc_addr: SocketAddr,
+    ops: OpsServer,
 }
 
 /// Opens the store, connects to RabbitMQ, declares the topology and binds the gRPC listener.
@@ -37,13 +41,19 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
-    Ok(App { config, store, producer, listener, grpc_addr })
+    let ops = config.ops.bind().await.with_context(|| format!("binding {}", config.ops.ops_addr))?;
+    Ok(App { config, store, producer, listener, grpc_addr, ops })
 }
 
 impl App {
     /// The bound gRPC address (the real port when the configured one was 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The bound ops HTTP address (`/metrics`, `/healthz`, `/readyz`).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops.local_addr()
     }
 
     pub fn config(&self) -> &Config {
@@ -57,8 +67,13 @@ impl App {
     /// Serves `Orders`, `ResendHook` and health until `shutdown` is cancelled; in-flight
     /// requests finish first, then the broker connection closes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // gRPC health and /readyz answer from the same probes: broker connected, store answering.
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<OrdersServer<OrdersService>>().await;
+        let readiness = Readiness::new().broker(self.producer.publisher()).store(self.store.pool());
+        let health_names = [
+            recheck_proto::demo::v1::orders_server::SERVICE_NAME,
+            recheck_proto::v1::resend_hook_server::SERVICE_NAME,
+        ];
         // Recheck: the hook the callback service calls for unconfirmed messages.
         let hook = AuditedHook::new(
             ResendHookService::new(Arc::new(self.store.clone()), self.producer.clone(), self.config.grace),
@@ -67,13 +82,21 @@ impl App {
         let orders = OrdersService::new(self.store.clone(), self.producer.clone());
 
         tracing::info!(grpc_addr = %self.grpc_addr, producer = %self.config.producer_name, "upstream demo started");
-        let served = Server::builder()
+        let grpc = Server::builder()
             .add_service(health)
             .add_service(hook.into_server())
             .add_service(OrdersServer::new(orders))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown.cancelled_owned())
-            .await;
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        let (served, ops, ()) = tokio::join!(
+            grpc,
+            self.ops.serve(readiness.clone(), shutdown.clone()),
+            report_health(readiness, health_reporter, &health_names, shutdown.clone()),
+        );
         self.producer.publisher().close().await;
-        served.context("serving gRPC")
+        served.context("serving gRPC")?;
+        ops.context("serving the ops endpoints")
     }
 }

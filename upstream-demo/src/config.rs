@@ -8,6 +8,7 @@ use recheck::{Topology, topology::parse_duration};
 
 /// Settings of `upstream-demo serve` (the default command).
 #[derive(Debug, Clone, Parser)]
+#[command(mut_arg("ops_addr", |a| a.default_value("127.0.0.1:9061")))]
 pub struct Config {
     #[command(flatten)]
     pub broker: recheck::service::BrokerArgs,
@@ -19,6 +20,9 @@ pub struct Config {
     /// Address of the gRPC listener (`Orders`, `ResendHook`, health); port 0 picks a free port.
     #[arg(long, env = "RECHECK_GRPC_ADDR", default_value = "127.0.0.1:50061")]
     pub grpc_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub ops: recheck::ops::OpsArgs,
 
     /// This producer's name, as registered in the callback service (`--producers NAME=URL`).
     #[arg(long, env = "RECHECK_PRODUCER", default_value = "orders")]
