@@ -192,6 +192,8 @@ pub struct Deployment {
     services: HashMap<Role, Service>,
 }
 
+    /// Each service's ops HTTP port (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_ports: HashMap<Role, u16>,
 /// Outcome counts from the stores: what the producer committed against what the consumer did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Verdict {
@@ -288,6 +290,12 @@ impl Deployment {
         let mut deployment = Self {
             dir: dir.clone(),
             bin_dir: bin_dir.to_owned(),
+        let mut ops_ports = HashMap::new();
+        for (role, service) in services.iter_mut() {
+            let port = free_port()?;
+            service.env.push(("RECHECK_OPS_ADDR".into(), format!("127.0.0.1:{port}")));
+            ops_ports.insert(*role, port);
+        }
             amqp_url: opts.amqp_url.clone(),
             callback_ports,
             orders_port,
@@ -298,6 +306,7 @@ impl Deployment {
         };
         // The callback service first: it migrates its store, and the second instance waits for that.
         for role in deployment.roles() {
+            ops_ports,
             deployment.start_service(role).await?;
         }
         Ok(deployment)
