@@ -4,6 +4,10 @@
 //! republish what was in flight: a publish whose confirm never came back is
 //! republished here (at-least-once; consumers dedupe by message id). Many
 //! publishes stay in flight at once — each caller awaits only its own confirm.
+//!
+//! Given several broker addresses (the nodes of a cluster), a replacement
+//! connection goes to the next address after the one that failed, so a dead
+//! node is left behind instead of retried.
 
 use std::sync::{
     Arc, Mutex, RwLock,
@@ -16,14 +20,17 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
-use tokio::time::{Instant, sleep, timeout};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, timeout, timeout_at};
 
 use crate::{Error, Result, telemetry};
 
 /// How a [`Publisher`] connects and how long it keeps trying.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
-    pub amqp_url: String,
+    /// Broker URLs (the vhost is the URL-encoded path): one, or one per cluster node, tried in
+    /// turn. Never logged with their passwords.
+    pub amqp_urls: Vec<String>,
     /// Shown in the broker's connection list.
     pub connection_name: String,
     /// Channels publishes are spread over (each with confirms on).
@@ -34,18 +41,58 @@ pub struct PublisherConfig {
     pub publish_timeout: Duration,
     /// Longest wait for lapin's auto-recover before the connection is replaced.
     pub recovery_timeout: Duration,
+    /// With several URLs, the longest one may take to connect before the next is tried.
+    pub connect_timeout: Duration,
 }
 
 impl PublisherConfig {
+    /// One broker.
     pub fn new(amqp_url: impl Into<String>, connection_name: impl Into<String>) -> Self {
+        Self::with_urls([amqp_url], connection_name)
+    }
+
+    /// Several brokers, e.g. every node of a cluster; the first one is tried first.
+    pub fn with_urls(
+        amqp_urls: impl IntoIterator<Item = impl Into<String>>,
+        connection_name: impl Into<String>,
+    ) -> Self {
         Self {
-            amqp_url: amqp_url.into(),
+            amqp_urls: amqp_urls.into_iter().map(Into::into).collect(),
             connection_name: connection_name.into(),
             channels: 2,
             confirm_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(60),
             recovery_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// Splits a comma-separated list of broker URLs (`RECHECK_AMQP_URL`), ignoring blanks.
+pub fn split_urls(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect()
+}
+
+/// The URL with its password replaced by `***`, for logs.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
+                None => url.to_owned(),
+            }
+        }
+        // An `@` after the first `/`: a password holding a raw `/`? Hide all of it to be safe.
+        None if rest.contains('@') => {
+            format!("{}***{}", &url[..scheme_end], &rest[rest.rfind('@').expect("contains @")..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -74,10 +121,15 @@ struct Inner {
 
 /// One broker connection and its channels. Replaced whole when lapin's own
 /// recovery does not finish in time (seen with lapin 4.12: a connection reset
-/// racing the broker's CONNECTION_FORCED close can leave recovery waiting forever).
+/// racing the broker's CONNECTION_FORCED close can leave recovery waiting forever;
+/// and with several addresses, lapin keeps retrying the one that died).
 struct Link {
     generation: u64,
+    /// Index of the URL in `amqp_urls` this connection went to.
+    address: usize,
     connection: Connection,
+    /// Whether `connection` is up, polled (lapin has no event for a connection it is recovering).
+    up: watch::Receiver<bool>,
     channels: Vec<Mutex<Channel>>,
 }
 
@@ -89,14 +141,24 @@ impl std::fmt::Debug for Publisher {
 
 /// Connects with lapin auto-recover on; every component uses this one way in.
 pub async fn connect(amqp_url: &str, connection_name: &str) -> Result<Connection> {
-    let props =
-        ConnectionProperties::default().with_connection_name(connection_name.into()).enable_auto_recover();
-    Ok(Connection::connect(amqp_url, props).await?)
+    Ok(Connection::connect(amqp_url, properties(connection_name)).await?)
+}
+
+fn properties(connection_name: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(connection_name.into()).enable_auto_recover()
 }
 
 impl Publisher {
+    /// Connects to the first broker address that answers. With one address, lapin retries it
+    /// (minutes, with backoff); with several, each is tried for `connect_timeout`, in rounds,
+    /// until `publish_timeout`.
     pub async fn connect(config: PublisherConfig) -> Result<Self> {
-        let link = Link::open(&config, 0).await?;
+        let link = if config.amqp_urls.len() > 1 {
+            let deadline = Instant::now() + config.publish_timeout;
+            open_with_retry(&config, None, 0, deadline).await?
+        } else {
+            Link::open(&config, None, 0).await?
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -121,16 +183,33 @@ impl Publisher {
         self.link().generation
     }
 
+    /// Index in `config().amqp_urls` of the broker the current connection went to.
+    pub fn address(&self) -> usize {
+        self.link().address
+    }
+
     /// Publishes and waits for the broker's confirm, republishing across
     /// reconnects, nacks and confirm timeouts until `publish_timeout`.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
+        let (started, exchange) = (Instant::now(), msg.exchange.to_owned());
+        let result = self.publish_until_confirmed(msg).await;
+        let outcome = if result.is_ok() { "confirmed" } else { "failed" };
+        if result.is_ok() {
+            metrics::histogram!(telemetry::PUBLISH_SECONDS, "exchange" => exchange.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
+        metrics::counter!(telemetry::PUBLISHES, "exchange" => exchange, "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn publish_until_confirmed(&self, msg: Outgoing<'_>) -> Result<()> {
         let deadline = Instant::now() + self.inner.config.publish_timeout;
         let slot = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let mut backoff = Duration::from_millis(50);
         loop {
             let link = self.link();
             let channel = link.channel(slot).await?;
-            let error = match self.publish_once(&channel, &msg).await {
+            let error = match self.publish_once(&link, &channel, &msg).await {
                 Ok(()) => return Ok(()),
                 Err(e @ Error::Unroutable { .. }) => return Err(e),
                 Err(e) => e,
@@ -139,6 +218,7 @@ impl Publisher {
                 return Err(error);
             }
             tracing::warn!(exchange = msg.exchange, error = %error, "publish failed; republishing");
+            metrics::counter!(telemetry::REPUBLISHES, "exchange" => msg.exchange.to_owned()).increment(1);
             match error {
                 Error::Amqp(e) => {
                     if !self.recovered(&channel, e).await {
@@ -161,9 +241,12 @@ impl Publisher {
     }
 
     /// One attempt, bounded by `confirm_timeout` as a whole: with a stalled
-    /// connection even handing the frame to lapin may never finish.
-    async fn publish_once(&self, channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
-        let wait = self.inner.config.confirm_timeout;
+    /// connection even handing the frame to lapin may never finish. Cut short
+    /// when the connection is lost: lapin settles pending confirms only once
+    /// its recovery reconnects, and against a dead node that is never.
+    async fn publish_once(&self, link: &Link, channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
+        let (wait, started) = (self.inner.config.confirm_timeout, Instant::now());
+        let mut up = link.up.clone();
         let attempt = async {
             let confirm = channel
                 .basic_publish(
@@ -176,33 +259,32 @@ impl Publisher {
                 .await?;
             confirm.await
         };
+        let attempt = async {
+            tokio::select! {
+                result = attempt => Some(result),
+                _ = up.wait_for(|up| !*up) => None,
+            }
+        };
         match timeout(wait, attempt).await {
             Err(_) => Err(Error::ConfirmTimeout(wait)),
-            Ok(Err(e)) => Err(Error::Amqp(e)),
-            Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Error::Unroutable {
+            Ok(None) => {
+                tracing::debug!("connection lost while awaiting a confirm");
+                Err(Error::ConfirmTimeout(started.elapsed()))
+            }
+            Ok(Some(result)) => Self::settle(result, msg),
+        }
+    }
+
+    fn settle(result: lapin::Result<Confirmation>, msg: &Outgoing<'_>) -> Result<()> {
+        match result {
+            Err(e) => Err(Error::Amqp(e)),
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) => Err(Error::Unroutable {
                 exchange: msg.exchange.to_owned(),
                 routing_key: msg.routing_key.to_owned(),
-    /// Index in `config().amqp_urls` of the broker the current connection went to.
-    pub fn address(&self) -> usize {
-        self.link().address
-    }
-
             }),
-            Ok(Ok(Confirmation::Nack(_))) => Err(Error::Nacked { exchange: msg.exchange.to_owned() }),
+            Ok(Confirmation::Nack(_)) => Err(Error::Nacked { exchange: msg.exchange.to_owned() }),
         }
-        let (started, exchange) = (Instant::now(), msg.exchange.to_owned());
-        let result = self.publish_until_confirmed(msg).await;
-        let outcome = if result.is_ok() { "confirmed" } else { "failed" };
-        if result.is_ok() {
-            metrics::histogram!(telemetry::PUBLISH_SECONDS, "exchange" => exchange.clone())
-                .record(started.elapsed().as_secs_f64());
-        }
-        metrics::counter!(telemetry::PUBLISHES, "exchange" => exchange, "outcome" => outcome).increment(1);
-        result
-    }
-
-    async fn publish_until_confirmed(&self, msg: Outgoing<'_>) -> Result<()> {
     }
 
     /// Waits (bounded) for lapin's auto-recover; `false` if it did not happen.
@@ -215,7 +297,9 @@ impl Publisher {
     async fn wait_connected(&self, link: &Link) -> bool {
         let until = Instant::now() + self.inner.config.recovery_timeout;
         while !link.connection.status().connected() {
-            if Instant::now() >= until {
+            let status = link.connection.status();
+            // lapin gave up (or the connection was closed): no point in waiting.
+            if Instant::now() >= until || status.errored() || status.closed() {
                 return false;
             }
             sleep(Duration::from_millis(100)).await;
@@ -239,37 +323,18 @@ impl Publisher {
     }
 
     /// Replaces the connection that failed (unless another caller already did),
-    /// retrying with backoff until `deadline`.
+    /// starting with the address after the failed one, retrying with backoff until `deadline`.
     async fn reconnect(&self, failed: u64, deadline: Instant) -> Result<()> {
         let _one_at_a_time = self.inner.reconnecting.lock().await;
-        if self.link().generation != failed {
+        let current = self.link();
+        if current.generation != failed {
             return Ok(());
         }
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match Link::open(&self.inner.config, failed + 1).await {
-                Ok(link) => {
-                    tracing::warn!(
-                        generation = failed + 1,
-                        "replaced a broker connection that did not recover"
-                    );
-                    let old =
-                        std::mem::replace(&mut *self.inner.link.write().expect("link lock"), Arc::new(link));
-                    // Closing a stuck connection may itself hang: never wait on it.
-                    tokio::spawn(async move {
-                        let _ = timeout(Duration::from_secs(5), old.connection.close(200, "replaced".into()))
-                            .await;
-                    });
-                    return Ok(());
-                }
-                Err(e) if Instant::now() + backoff < deadline => {
-                    tracing::warn!(error = %e, ?backoff, "reconnecting to the broker");
-                    sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let link = open_with_retry(&self.inner.config, Some(current.address), failed + 1, deadline).await?;
+        tracing::warn!(generation = failed + 1, "replaced a broker connection that did not recover");
+        let old = std::mem::replace(&mut *self.inner.link.write().expect("link lock"), Arc::new(link));
+        retire(old);
+        Ok(())
     }
 
     fn link(&self) -> Arc<Link> {
@@ -284,14 +349,115 @@ impl Publisher {
     }
 }
 
-impl Link {
-    async fn open(config: &PublisherConfig, generation: u64) -> Result<Self> {
-        let connection = connect(&config.amqp_url, &config.connection_name).await?;
-        let mut channels = Vec::with_capacity(config.channels.max(1));
-        for _ in 0..config.channels.max(1) {
-            channels.push(Mutex::new(confirm_channel(&connection).await?));
+/// Closes a replaced connection — now if it is up, or once lapin's recovery brings it back:
+/// a stale connection that recovers would replay its channels and consumers, and deliveries
+/// to a consumer nobody reads stay unacked for as long as the process lives.
+fn retire(old: Arc<Link>) {
+    // lapin's default recovery gives up after 16 attempts, backoff capped at 60 s.
+    const WATCH: Duration = Duration::from_secs(20 * 60);
+    tokio::spawn(async move {
+        let until = Instant::now() + WATCH;
+        loop {
+            let status = old.connection.status();
+            if status.connected() {
+                // Closing may itself hang on a half-dead connection: bounded.
+                let _ = timeout(Duration::from_secs(5), old.connection.close(200, "replaced".into())).await;
+                return;
+            }
+            if status.errored() || status.closed() || Instant::now() >= until {
+                return;
+            }
+            sleep(Duration::from_secs(1)).await;
         }
-        Ok(Self { generation, connection, channels })
+    });
+}
+
+/// A flag that follows the connection's state until the link is dropped.
+fn watch_connection(connection: &Connection) -> watch::Receiver<bool> {
+    let status = connection.status().clone();
+    let (tx, rx) = watch::channel(status.connected());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = sleep(Duration::from_millis(100)) => {}
+            }
+            let up = status.connected();
+            tx.send_if_modified(|current| std::mem::replace(current, up) != up);
+        }
+    });
+    rx
+}
+
+/// [`Link::open`] until it works or `deadline` (a pass over every address each time).
+async fn open_with_retry(
+    config: &PublisherConfig,
+    after: Option<usize>,
+    generation: u64,
+    deadline: Instant,
+) -> Result<Link> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let error = match timeout_at(deadline, Link::open(config, after, generation)).await {
+            Ok(Ok(link)) => return Ok(link),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)).into());
+            }
+        };
+        if Instant::now() + backoff >= deadline {
+            return Err(error);
+        }
+        tracing::warn!(error = %error, ?backoff, "reconnecting to the broker");
+        sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+impl Link {
+    /// Connects to the address after `after` (the first one if `None`), then the ones after it,
+    /// round the list; the first that answers wins.
+    async fn open(config: &PublisherConfig, after: Option<usize>, generation: u64) -> Result<Self> {
+        let urls = &config.amqp_urls;
+        let count = urls.len().max(1);
+        let start = after.map_or(0, |i| i + 1);
+        let mut last_error = None;
+        for address in (start..start + count).map(|i| i % count) {
+            // An empty list fails in lapin's URL parser, with its message.
+            let url = urls.get(address).map_or("", String::as_str);
+            match Self::connect_one(config, url).await {
+                Ok(connection) => {
+                    tracing::info!(broker = %redact(url), generation, "connected to RabbitMQ");
+                    let mut channels = Vec::with_capacity(config.channels.max(1));
+                    for _ in 0..config.channels.max(1) {
+                        channels.push(Mutex::new(confirm_channel(&connection).await?));
+                    }
+                    let up = watch_connection(&connection);
+                    return Ok(Self { generation, address, connection, up, channels });
+                }
+                Err(e) => {
+                    if count > 1 {
+                        tracing::warn!(broker = %redact(url), error = %e, "broker unavailable, trying the next");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.expect("at least one address tried"))
+    }
+
+    /// One address. With several to choose from, a dead node must not hold us: lapin's retries
+    /// against it are cut short (its auto-recover then fails fast and the publisher moves on),
+    /// and a black-holed one is given up after `connect_timeout`.
+    async fn connect_one(config: &PublisherConfig, url: &str) -> Result<Connection> {
+        if config.amqp_urls.len() <= 1 {
+            return connect(url, &config.connection_name).await;
+        }
+        let props = properties(&config.connection_name).configure_backoff(|b| b.with_max_times(2));
+        match timeout(config.connect_timeout, Connection::connect(url, props)).await {
+            Ok(connection) => Ok(connection?),
+            Err(_) => Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)).into()),
+        }
     }
 
     /// The slot's channel, reopened if the broker closed it (lapin recovers
@@ -314,4 +480,35 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel> {
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok(channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(redact("amqp://guest:secret@10.0.0.1:5672/%2f"), "amqp://guest:***@10.0.0.1:5672/%2f");
+        assert_eq!(redact("amqp://u:p@ss@h:1/v?heartbeat=5"), "amqp://u:***@h:1/v?heartbeat=5");
+        assert_eq!(redact("amqp://guest@h:5672/v"), "amqp://guest@h:5672/v");
+        assert_eq!(redact("amqp://h:5672/v"), "amqp://h:5672/v");
+        // A raw `/` in a password or a raw `@` in a vhost: ambiguous, so hide the whole prefix.
+        assert_eq!(redact("amqp://u:a/b@h:1/v"), "amqp://***@h:1/v");
+        assert_eq!(redact("amqp://h:5672/a@b"), "amqp://***@b");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn splits_url_lists() {
+        assert_eq!(split_urls("amqp://a:1/v"), ["amqp://a:1/v"]);
+        assert_eq!(split_urls(" amqp://a:1/v, amqp://b:2/v ,"), ["amqp://a:1/v", "amqp://b:2/v"]);
+        assert!(split_urls("").is_empty());
+    }
+
+    #[test]
+    fn one_url_or_several() {
+        assert_eq!(PublisherConfig::new("amqp://a", "n").amqp_urls, ["amqp://a"]);
+        let config = PublisherConfig::with_urls(["amqp://a", "amqp://b"], "n");
+        assert_eq!(config.amqp_urls, ["amqp://a", "amqp://b"]);
+    }
 }

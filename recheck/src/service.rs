@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
+use crate::publisher::{redact, split_urls};
 use crate::{Publisher, PublisherConfig, Result, Topology, topology::parse_tiers};
 
 /// The broker settings of a service; `#[command(flatten)]` them into its config.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL (the vhost is the URL-encoded path).
+    /// RabbitMQ URL (the vhost is the URL-encoded path); for a cluster, one URL per node,
+    /// comma-separated: a lost connection is replaced by one to the next node.
     #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
 
@@ -27,11 +29,18 @@ impl BrokerArgs {
         Topology::new(self.prefix.clone(), self.delay_tiers.clone())
     }
 
+    /// The broker URLs of `amqp_url`.
+    pub fn amqp_urls(&self) -> Vec<String> {
+        split_urls(&self.amqp_url)
+    }
+
     /// Connects a publisher named `name` and declares the whole topology.
     pub async fn connect(&self, name: &str) -> Result<Publisher> {
+        let urls = self.amqp_urls();
         // lapin retries an unreachable broker with backoff (minutes) before it fails.
-        tracing::info!("connecting to RabbitMQ");
-        let publisher = Publisher::connect(PublisherConfig::new(&self.amqp_url, name)).await?;
+        let brokers: Vec<String> = urls.iter().map(|url| redact(url)).collect();
+        tracing::info!(?brokers, "connecting to RabbitMQ");
+        let publisher = Publisher::connect(PublisherConfig::with_urls(urls, name)).await?;
         let channel = publisher.create_channel().await?;
         self.topology().declare(&channel).await?;
         channel.close(200, "topology declared".into()).await?;

@@ -1,26 +1,29 @@
-//! The RabbitMQ broker under test: a private node, or an existing one named by the environment.
+//! The RabbitMQ broker under test: a private node, or an existing one named by the environment;
+//! and a private cluster of several nodes for the suites that kill a node.
 //!
 //! A private node runs from the installed binaries as a foreground process under a watchdog, with
 //! its own node name, AMQP / distribution / epmd ports and everything (mnesia, logs, config,
 //! cookie) in a temp dir, so it never meets a system broker or another test run. Tests reach it
 //! through AMQP and through `rabbitmqctl` (a generated wrapper script that carries the node's
 //! environment), one fresh vhost per test.
+//!
+//! - `node` — one private node (files, ports, watchdog, kill -9 and restart), for both below.
+//! - [`Rabbit`] — one broker: a private node or one from the environment.
+//! - [`RabbitCluster`] — private nodes joined into one cluster (`cluster`).
 
-use std::fmt::Write as _;
-use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
+mod cluster;
+mod node;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use tokio::sync::Semaphore;
 
-use crate::watchdog::{self, Spec, Watchdog};
 use crate::{AMQP_URL_ENV, RABBITMQCTL_ENV, free_port, urls};
+pub use cluster::{ClusterVhost, RabbitCluster};
+use node::{BOOT_DEADLINE, Node};
 
-/// How long a private node may take to boot (2 cores, cold caches: usually ~5 s).
-const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 /// Upper bound for one `rabbitmqctl` call.
 const CTL_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -31,7 +34,7 @@ pub struct Rabbit {
     /// Executable that runs `rabbitmqctl` against this broker; arguments are appended.
     ctl: PathBuf,
     /// Set when this process started the node.
-    server: Option<Watchdog>,
+    server: Option<Node>,
 }
 
 /// A vhost created for one test. Derefs to its AMQP URL.
@@ -64,82 +67,15 @@ impl Rabbit {
     /// Starts a private node and waits until it accepts AMQP connections. Blocking.
     pub fn start_private() -> Result<Self> {
         let bin = find_bin().context(crate::INSTALL_HINT)?;
-        let dir = tempfile::Builder::new()
-            .prefix("recheck-rabbit-")
-            .tempdir()
-            .context("creating a temp dir for RabbitMQ")?
-            .keep();
-        let node = format!("recheck-test-{}@localhost", std::process::id());
-        let (amqp_port, dist_port, epmd_port) = (free_port()?, free_port()?, free_port()?);
-        let env = node_env(&dir, &node, amqp_port, dist_port, epmd_port);
-        write_files(&dir, &bin, &node, &env)?;
-
-        let mut command = Command::new(bin.join("rabbitmq-server"));
-        command.envs(env.iter().map(|(k, v)| (k, v))).current_dir(&dir);
-        let server_log = dir.join("server.log");
-        let server = Watchdog::spawn(Spec {
-            command,
-            stop_signal: "TERM",
-            dir: &dir,
-            log: &server_log,
-            // erl starts epmd as a daemon on our port; it outlives the node unless killed.
-            cleanup: format!(
-                "for i in 1 2 3; do ERL_EPMD_PORT={epmd_port} epmd -kill >/dev/null 2>&1 && break; \
-                 sleep 1; done"
-            ),
-        })?;
-        let rabbit = Self {
-            base_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}"),
-            ctl: dir.join("rabbitmqctl"),
-            server: Some(server),
-        };
-        match rabbit.await_boot(&node) {
-            Ok(()) => {
-                tracing::info!(%node, url = %rabbit.base_url, dir = %dir.display(), "private RabbitMQ up");
-                Ok(rabbit)
-            }
-            Err(e) => {
-                let logs = format!(
-                    "{}\n{}",
-                    watchdog::tail(&server_log, 20),
-                    watchdog::tail(&dir.join("log").join(format!("{node}.log")), 40)
-                );
-                if let Some(server) = rabbit.server {
-                    let _ = server.stop(Duration::from_secs(30));
-                }
-                Err(anyhow!("private RabbitMQ node {node} did not start: {e:#}\n{logs}"))
-            }
+        let name = format!("recheck-test-{}@localhost", std::process::id());
+        let node = Node::create(&bin, name, free_port()?, &new_cookie())?;
+        node.spawn()?;
+        if let Err(e) = node.await_boot() {
+            let _ = node.stop(Duration::from_secs(30));
+            return Err(e);
         }
-    }
-
-    /// Polls until the node's AMQP port answers, then lets `rabbitmqctl await_startup` confirm.
-    fn await_boot(&self, node: &str) -> Result<()> {
-        let started = Instant::now();
-        let address = urls::host_port(&self.base_url, 5672);
-        loop {
-            if let Some(status) = self.server.as_ref().and_then(Watchdog::server_exit) {
-                bail!("rabbitmq-server exited with status {status}");
-            }
-            if started.elapsed() > BOOT_DEADLINE {
-                bail!("{node} not accepting AMQP on {address} after {BOOT_DEADLINE:?}");
-            }
-            if TcpStream::connect(&address).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let output = Command::new(&self.ctl)
-            .args(["await_startup", "--timeout", "60"])
-            .output()
-            .context("running rabbitmqctl await_startup")?;
-        if !output.status.success() {
-            bail!(
-                "rabbitmqctl await_startup failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
+        tracing::info!(node = %node.name, url = %node.base_url(), dir = %node.dir.display(), "private RabbitMQ up");
+        Ok(Self { base_url: node.base_url(), ctl: node.ctl_path(), server: Some(node) })
     }
 
     /// The AMQP URL of `vhost` on this broker.
@@ -169,25 +105,7 @@ impl Rabbit {
 
     /// Runs `rabbitmqctl <args>` against the broker and returns its stdout.
     pub async fn ctl(&self, args: &[&str]) -> Result<String> {
-        // Each call boots an Erlang VM (~1 s of CPU); many parallel tests would starve each other
-        // (and the broker) on a small machine. tokio's semaphore works across test runtimes.
-        static SLOTS: Semaphore = Semaphore::const_new(4);
-        let _slot = SLOTS.acquire().await.expect("semaphore never closed");
-        let mut command = tokio::process::Command::new(&self.ctl);
-        command.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
-        let output = tokio::time::timeout(CTL_DEADLINE, command.output())
-            .await
-            .with_context(|| format!("rabbitmqctl {args:?} took longer than {CTL_DEADLINE:?}"))?
-            .with_context(|| format!("running {} {args:?}", self.ctl.display()))?;
-        if !output.status.success() {
-            bail!(
-                "rabbitmqctl {args:?} failed ({}): {}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        run_ctl(&self.ctl, args).await
     }
 
     /// `rabbitmqctl stop_app`: the broker drops every connection and stops accepting new ones.
@@ -213,10 +131,38 @@ impl Rabbit {
     /// Stops a private node and removes its files (no-op for a broker from the environment).
     pub fn shutdown(self) -> Result<()> {
         match self.server {
-            Some(server) => server.stop(Duration::from_secs(60)),
+            Some(node) => node.stop(Duration::from_secs(60)),
             None => Ok(()),
         }
     }
+}
+
+/// Runs `<ctl> <args>` (a `rabbitmqctl` wrapper) and returns its stdout.
+async fn run_ctl(ctl: &Path, args: &[&str]) -> Result<String> {
+    // Each call boots an Erlang VM (~1 s of CPU); many parallel tests would starve each other
+    // (and the broker) on a small machine. tokio's semaphore works across test runtimes.
+    static SLOTS: Semaphore = Semaphore::const_new(4);
+    let _slot = SLOTS.acquire().await.expect("semaphore never closed");
+    let mut command = tokio::process::Command::new(ctl);
+    command.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let output = tokio::time::timeout(CTL_DEADLINE, command.output())
+        .await
+        .with_context(|| format!("rabbitmqctl {args:?} took longer than {CTL_DEADLINE:?}"))?
+        .with_context(|| format!("running {} {args:?}", ctl.display()))?;
+    if !output.status.success() {
+        bail!(
+            "rabbitmqctl {args:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// An Erlang cookie: nodes that share one may cluster.
+fn new_cookie() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
 }
 
 /// The directory holding the real `rabbitmq-server` / `rabbitmqctl` scripts. Debian's
@@ -230,59 +176,4 @@ fn find_bin() -> Result<PathBuf> {
     std::env::split_paths(&path)
         .find(|dir| dir.join("rabbitmq-server").exists() && dir.join("rabbitmqctl").exists())
         .context("rabbitmq-server not found (looked in /usr/lib/rabbitmq/bin and PATH)")
-}
-
-/// The environment of the node and of `rabbitmqctl` (both need HOME for the cookie and the epmd
-/// port to find each other).
-fn node_env(dir: &Path, node: &str, amqp_port: u16, dist_port: u16, epmd_port: u16) -> Vec<(String, String)> {
-    let path = |name: &str| dir.join(name).display().to_string();
-    [
-        ("HOME", path("")),
-        ("RABBITMQ_NODENAME", node.to_owned()),
-        ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()),
-        ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
-        ("RABBITMQ_DIST_PORT", dist_port.to_string()),
-        ("ERL_EPMD_PORT", epmd_port.to_string()),
-        ("ERL_EPMD_ADDRESS", "127.0.0.1".to_owned()),
-        ("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-kernel inet_dist_use_interface {127,0,0,1}".to_owned()),
-        // Keeps /etc/rabbitmq/rabbitmq-env.conf (the system node's settings) out.
-        ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
-        ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
-        ("RABBITMQ_ADVANCED_CONFIG_FILE", path("advanced.config")),
-        ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
-        ("RABBITMQ_MNESIA_BASE", path("mnesia")),
-        ("RABBITMQ_LOG_BASE", path("log")),
-        ("RABBITMQ_PID_FILE", path("rabbitmq.pid")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
-
-/// Config, empty plugin list, cookie and the `rabbitmqctl` wrapper.
-fn write_files(dir: &Path, bin: &Path, node: &str, env: &[(String, String)]) -> Result<()> {
-    let write = |name: &str, text: &str, mode: u32| -> Result<()> {
-        let path = dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {}", path.display()))
-    };
-    write("rabbitmq-env.conf", "", 0o644)?;
-    // guest may connect from anywhere (it is only reachable on 127.0.0.1 anyway); a low disk
-    // limit so a nearly full /tmp does not raise the disk alarm and block publishers.
-    write(
-        "rabbitmq.conf",
-        "loopback_users = none\ndisk_free_limit.absolute = 10MB\nlog.console = false\n",
-        0o644,
-    )?;
-    write("enabled_plugins", "[].\n", 0o644)?;
-    // Erlang refuses a cookie readable by others.
-    write(".erlang.cookie", &uuid::Uuid::now_v7().simple().to_string(), 0o400)?;
-    let mut script = format!("#!/bin/sh\n# rabbitmqctl against the private test node {node}\n");
-    for (key, value) in env {
-        writeln!(script, "export {key}='{value}'").expect("write to String");
-    }
-    writeln!(script, "exec '{}' -n '{node}' \"$@\"", bin.join("rabbitmqctl").display())
-        .expect("write to String");
-    write("rabbitmqctl", &script, 0o755)
 }
