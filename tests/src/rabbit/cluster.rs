@@ -202,7 +202,8 @@ impl RabbitCluster {
 fn parallel(nodes: &[Arc<Node>], f: impl Fn(&Node) -> Result<()> + Sync) -> Result<()> {
     std::thread::scope(|scope| {
         let runs: Vec<_> = nodes.iter().map(|node| scope.spawn(|| f(node))).collect();
-        runs.into_iter().map(|run| run.join().expect("cluster node thread panicked")).collect()
+        // Threads not joined here (after an error) are joined by the scope.
+        runs.into_iter().try_for_each(|run| run.join().expect("cluster node thread panicked"))
     })
 }
 
