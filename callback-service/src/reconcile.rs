@@ -408,8 +408,13 @@ impl Plan {
 /// `recheck_hook_rpc_seconds` and `recheck_resends_total` for one `Resend` RPC.
 fn record_rpc(producer: &str, took: Duration, answer: &Result<ResendResponse, tonic::Status>) {
     let outcome = match answer {
-        // RESENT → resent, NOT_FOUND → not_found, RETRY_LATER → retry_later.
-        Ok(r) => r.outcome().as_str_name().to_ascii_lowercase(),
+        Ok(r) => match r.outcome() {
+            ResendOutcome::Resent => "resent",
+            ResendOutcome::NotFound => "not_found",
+            ResendOutcome::RetryLater => "retry_later",
+            ResendOutcome::Unspecified => "unspecified",
+        }
+        .to_owned(),
         Err(status) => telemetry::code_label(status.code()),
     };
     metrics::histogram!(telemetry::HOOK_RPC_SECONDS, "producer" => producer.to_owned())
