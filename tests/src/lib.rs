@@ -67,6 +67,7 @@ macro_rules! url_newtype {
     };
 }
 
+pub mod bench;
 pub mod demo;
 pub mod deploy;
 pub mod faults;

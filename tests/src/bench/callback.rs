@@ -1,0 +1,271 @@
+//! The callback service alone (its release binary, as a process), against pre-filled queues:
+//! - **rates**: confirm ingest (CONFIRMs of unknown ids: each creates its row), then checks of
+//!   those now-confirmed messages (what almost every check finds in steady state);
+//! - **backlog**: memory with N pending messages in the store and N due checks in the queue,
+//!   whose producer hook is down (each check: claim, a failing RPC, the next check published
+//!   into the 1 h tier) — what a producer outage looks like. Memory must not follow N.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lapin::BasicProperties;
+use recheck::{
+    Publisher, Topology,
+    message::{CONTENT_TYPE_JSON, Check, CheckBatch, Confirm, ConfirmBatch, Outcome, now_ms},
+    topology::parse_tiers,
+};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{
+    Env, broker, count_rows,
+    process::Process,
+    procfs::{self, Meter, Target},
+    recheck_flow::CallbackStore,
+    report::{Backlog, CallbackRates},
+    wait_rows,
+};
+
+/// Prefetch of the service's checks consumer (its default): deliveries it takes at once.
+const CHECK_PREFETCH: u64 = 256;
+
+/// A fresh vhost and store, the topology declared, and a publisher to fill queues with.
+struct Stage {
+    amqp_url: String,
+    database_url: String,
+    topology: Topology,
+    publisher: Publisher,
+    dir: std::path::PathBuf,
+    tiers: String,
+}
+
+impl Stage {
+    async fn new(env: &Env<'_>, store: CallbackStore, name: &str, tiers: &str) -> Result<Self> {
+        let vhost = env.rabbit.fresh_vhost().await?;
+        let dir = env.options.out.join(format!("callback-{name}-{}", store.label().to_lowercase()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let dir = dir.canonicalize()?;
+        let database_url = match store {
+            CallbackStore::Sqlite => format!("sqlite://{}/callback.db?mode=rwc", dir.display()),
+            CallbackStore::Postgres => env.postgres.fresh_database().await?.url,
+        };
+        let topology = Topology::new("recheck", parse_tiers(tiers).map_err(anyhow::Error::msg)?);
+        let publisher = broker::publisher(&vhost.url, "bench-fill").await?;
+        topology.declare(&publisher.create_channel().await?).await?;
+        Ok(Self { amqp_url: vhost.url, database_url, topology, publisher, dir, tiers: tiers.into() })
+    }
+
+    /// Starts the callback service binary and waits until it has built (store migrated, gRPC bound).
+    async fn start_service(&self, env: &Env<'_>, log: &str) -> Result<Process> {
+        let port = crate::free_port()?;
+        // Nothing listens there: the backlog run's hook is down (the rates run never calls it).
+        let hook = crate::free_port()?;
+        let mut service = Process::spawn(
+            &env.bin_dir.join("callback-service"),
+            &[],
+            &[
+                ("RECHECK_AMQP_URL", self.amqp_url.clone()),
+                ("DATABASE_URL", self.database_url.clone()),
+                ("RECHECK_GRPC_ADDR", format!("127.0.0.1:{port}")),
+                ("RECHECK_PRODUCERS", format!("orders=http://127.0.0.1:{hook}")),
+                ("RECHECK_DELAY_TIERS", self.tiers.clone()),
+                ("RECHECK_LOG", "error".into()),
+            ],
+            self.dir.join(log),
+        )?;
+        service.wait_for_port(port, Duration::from_secs(120)).await?;
+        Ok(service)
+    }
+
+    async fn fill_confirms(&self, ids: &[Uuid], per_message: usize) -> Result<()> {
+        let bodies = ids
+            .chunks(per_message)
+            .map(|chunk| {
+                let confirms = chunk
+                    .iter()
+                    .map(|id| Confirm {
+                        message_id: *id,
+                        outcome: Outcome::Processed,
+                        detail: None,
+                        processed_at: now_ms(),
+                    })
+                    .collect();
+                serde_json::to_vec(&ConfirmBatch::new("points", confirms))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let exchange = self.topology.confirms_exchange();
+        broker::fill(&self.publisher, &exchange, "", &bodies, json(), 256).await
+    }
+
+    async fn fill_checks(&self, ids: impl Iterator<Item = Uuid>, n: usize, per_message: usize) -> Result<()> {
+        let mut bodies = Vec::with_capacity(n.div_ceil(per_message));
+        let mut chunk = Vec::with_capacity(per_message);
+        for id in ids {
+            chunk.push(Check {
+                message_id: id,
+                routing_key: "order.created".into(),
+                business_key: "bench".into(),
+                attempt: 0,
+                published_at: now_ms(),
+                expect: Some(vec!["points".into()]),
+            });
+            if chunk.len() == per_message {
+                bodies.push(serde_json::to_vec(&CheckBatch::new("orders", std::mem::take(&mut chunk)))?);
+            }
+        }
+        if !chunk.is_empty() {
+            bodies.push(serde_json::to_vec(&CheckBatch::new("orders", chunk))?);
+        }
+        let exchange = self.topology.checks_exchange();
+        broker::fill(&self.publisher, &exchange, "", &bodies, json(), 256).await
+    }
+}
+
+fn json() -> BasicProperties {
+    BasicProperties::default().with_content_type(CONTENT_TYPE_JSON.into())
+}
+
+/// Confirm ingest rate, then check rate, each from a pre-filled queue.
+pub async fn rates(env: &Env<'_>, store: CallbackStore) -> Result<CallbackRates> {
+    let o = &env.options;
+    let n = o.callback_messages;
+    let per_message = o.ids_per_message;
+    let stage = Stage::new(env, store, "rates", "1s").await?;
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+
+    // Confirms: the service drains the queue from the moment it has built.
+    stage.fill_confirms(&ids, per_message).await?;
+    let service = stage.start_service(env, "ingest.log").await?;
+    let started_ms = now_ms();
+    let meter = Meter::start(vec![("callback-service".into(), Target::Fresh(service.pid()?))]);
+    let (pool, _) = recheck::db::connect(&stage.database_url).await?;
+    // `received_at` is stamped when a transaction starts, and one may hold every confirm: the
+    // end is when the count shows them committed (looked at every 20 ms).
+    let confirms = "SELECT COUNT(*) FROM confirms";
+    let last_ms = wait_rows(&pool, confirms, n, Duration::from_millis(20), o.deadline)
+        .await
+        .context("confirm ingest")?;
+    let ingest = meter.finish(n).await.remove(0);
+    service.terminate(Duration::from_secs(30)).await?;
+    let confirms_per_s = n as f64 * 1000.0 / (last_ms - started_ms).max(1) as f64;
+
+    // Checks of those (confirmed) messages. The first check of a message fills in the producer's
+    // fields of a row its confirm created; that write is also how the bench sees each one done.
+    stage.fill_checks(ids.iter().copied(), ids.len(), per_message).await?;
+    let channel = stage.publisher.create_channel().await?;
+    let queue = stage.topology.checks_queue();
+    let messages = broker::ready(&channel, &queue).await?;
+    let mut service = stage.start_service(env, "checks.log").await?;
+    let started = Instant::now();
+    let meter = Meter::start(vec![("callback-service".into(), Target::Fresh(service.pid()?))]);
+    // Timed by the queue depth while the prefetch window is full: from then on a delivery leaves
+    // the queue exactly when an earlier one was acked.
+    let mut slope_from: Option<(Instant, u64)> = None;
+    let deadline = started + o.deadline;
+    let emptied = loop {
+        let left = broker::ready(&channel, &queue).await?;
+        if slope_from.is_none() && left + CHECK_PREFETCH < messages && left > 0 {
+            slope_from = Some((Instant::now(), left));
+        }
+        if left == 0 {
+            break Instant::now();
+        }
+        service.ensure_running()?;
+        anyhow::ensure!(Instant::now() < deadline, "checks: {left} CHECK messages left at the deadline");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let filled = "SELECT COUNT(*) FROM messages WHERE producer <> ''";
+    wait_rows(&pool, filled, n, Duration::from_millis(50), o.deadline).await.context("checks")?;
+    let done = started.elapsed();
+    let checks = meter.finish(n).await.remove(0);
+    let peak = procfs::peak_rss_bytes(service.pid()?).unwrap_or(0);
+    service.terminate(Duration::from_secs(30)).await?;
+    pool.close().await;
+    stage.publisher.close().await;
+
+    let (checks_per_s, checks_timing) = match slope_from {
+        Some((from, left)) if left * per_message as u64 >= n / 4 => (
+            (left * per_message as u64) as f64 / (emptied - from).as_secs_f64().max(1e-3),
+            "queue-depth slope".to_owned(),
+        ),
+        _ => (n as f64 / done.as_secs_f64().max(1e-3), "start to last row".to_owned()),
+    };
+    Ok(CallbackRates {
+        store: store.label().into(),
+        confirms: n,
+        confirms_per_s,
+        checks: n,
+        checks_per_s,
+        checks_timing,
+        ingest_cpu_s_per_1k: ingest.cpu_s_per_1k,
+        checks_cpu_s_per_1k: checks.cpu_s_per_1k,
+        peak_rss_bytes: peak.max(ingest.peak_rss_bytes.unwrap_or(0)),
+    })
+}
+
+/// A message id the backlog's rows and checks share (valid UUID text, easy to generate in SQL).
+fn backlog_id(i: u64) -> Uuid {
+    Uuid::from_u128(0x0000_0000_0000_7000_8000_0000_0000_0000 | u128::from(i))
+}
+
+const SQLITE_PENDING: &str =
+    "WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i + 1 < $1)
+    INSERT INTO messages (message_id, producer, routing_key, business_key, expect, status, attempt,
+        scheduled_attempt, published_at, created_at, updated_at)
+    SELECT printf('00000000-0000-7000-8000-%012x', i), 'orders', 'order.created', 'bench', 'points',
+        'pending', 0, 0, $2, $2, $2 FROM seq";
+
+const POSTGRES_PENDING: &str =
+    "INSERT INTO messages (message_id, producer, routing_key, business_key, expect,
+        status, attempt, scheduled_attempt, published_at, created_at, updated_at)
+    SELECT '00000000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'), 'orders', 'order.created', 'bench',
+        'points', 'pending', 0, 0, $2, $2, $2 FROM generate_series(0, $1 - 1) AS i";
+
+/// RSS with `pending` unconfirmed messages in the store and their due checks in the queue.
+pub async fn backlog(env: &Env<'_>, store: CallbackStore, pending: u64) -> Result<Backlog> {
+    let o = &env.options;
+    let stage = Stage::new(env, store, &format!("backlog-{pending}"), "1h").await?;
+    // The service's own migrations, then the rows in one statement.
+    let migrated = callback_service::store::Store::connect(&stage.database_url).await?;
+    let sql = match store {
+        CallbackStore::Sqlite => SQLITE_PENDING,
+        CallbackStore::Postgres => POSTGRES_PENDING,
+    };
+    sqlx::query(sql).bind(pending as i64).bind(now_ms()).execute(migrated.pool()).await?;
+    migrated.pool().close().await;
+    stage.fill_checks((0..pending).map(backlog_id), pending as usize, o.ids_per_message).await?;
+
+    let mut service = stage.start_service(env, "backlog.log").await?;
+    let pid = service.pid()?;
+    let started = Instant::now();
+    // A fixed window: small backlogs are done early and sit idle, large ones are still draining.
+    while started.elapsed() < o.backlog_window {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        service.ensure_running()?;
+    }
+    let window = started.elapsed();
+    let end_rss = procfs::rss_bytes(pid).unwrap_or(0);
+    let peak = procfs::peak_rss_bytes(pid).unwrap_or(0);
+    let (pool, _) = recheck::db::connect(&stage.database_url).await?;
+    let handled = count_rows(&pool, "SELECT COUNT(*) FROM messages WHERE attempt > 0").await?;
+    pool.close().await;
+    service.terminate(Duration::from_secs(60)).await?;
+    stage.publisher.close().await;
+    Ok(Backlog {
+        store: store.label().into(),
+        pending,
+        peak_rss_bytes: peak,
+        end_rss_bytes: end_rss,
+        handled: u64::try_from(handled).unwrap_or(0),
+        window_s: window.as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backlog_ids_match_the_sql_ones() {
+        assert_eq!(super::backlog_id(0x2a).to_string(), "00000000-0000-7000-8000-00000000002a");
+    }
+}

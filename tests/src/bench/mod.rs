@@ -1,0 +1,336 @@
+//! The benchmark behind `scripts/bench` (`bin/bench.rs`) and the `bench_smoke` suite: one broker
+//! and one PostgreSQL cluster, and in one run the same order workload four ways, then the
+//! callback service alone.
+//!
+//! - [`raw`] — publish → quorum queue → consume: the broker's limit.
+//! - [`naive`] — the delayed check without batching: four broker enqueues per message.
+//! - [`recheck_flow`] — the three real binaries, callback store on SQLite and on PostgreSQL.
+//! - [`outbox`] — the transactional-outbox baseline; its producer is [`outbox_service`]
+//!   (`bench outbox-service`, a process of its own).
+//! - [`callback`] — the callback service alone: ingest and check rates from pre-filled queues,
+//!   memory with a backlog of pending checks.
+//! - [`load`] — the `CreateOrder` load client and latency histograms; [`procfs`] — CPU and RSS per
+//!   process; [`process`] — processes the bench starts itself; [`broker`] — queue depths, fills.
+//! - [`report`] — the results, as JSON and as the markdown tables of the README.
+
+pub mod broker;
+pub mod callback;
+pub mod load;
+pub mod naive;
+pub mod outbox;
+pub mod outbox_service;
+pub mod process;
+pub mod procfs;
+pub mod raw;
+pub mod recheck_flow;
+pub mod report;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use recheck::topology::parse_duration;
+use sqlx::AnyPool;
+use tokio::time::Instant;
+
+use crate::{Kit, Postgres, Rabbit, urls};
+use procfs::Target;
+use recheck_flow::CallbackStore;
+use report::{Machine, Ratios, Report};
+
+/// The parts of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Raw,
+    Naive,
+    RecheckSqlite,
+    RecheckPostgres,
+    Outbox,
+    /// The callback service's ingest and check rates.
+    Callback,
+    /// The callback service's memory with a backlog.
+    Backlog,
+}
+
+/// What to run and how big.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Business messages per end-to-end scenario (the saturated, measured phase).
+    #[arg(long, default_value_t = 50_000)]
+    pub messages: u64,
+    /// `CreateOrder` calls in flight (Recheck and outbox).
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// Producer calls in flight for raw and naive (each a publish, or CHECK + publish).
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Fixed offered load (orders/s) at which Recheck's and the outbox's create latency compare.
+    #[arg(long, default_value_t = 1000)]
+    pub offered_rate: u64,
+    /// Orders sent at the offered load.
+    #[arg(long, default_value_t = 5000)]
+    pub offered_orders: u64,
+    /// Delay of each message's check (naive's TTL, Recheck's first check).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub check_delay: Duration,
+    /// Recheck's delay tiers.
+    #[arg(long, default_value = "1s,3s,5s")]
+    pub tiers: String,
+    /// Confirms, then checks, pre-filled for the callback service alone.
+    #[arg(long, default_value_t = 100_000)]
+    pub callback_messages: u64,
+    /// Backlogs of pending checks (store + queue) the callback service's memory is measured with.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    pub backlog: Vec<u64>,
+    /// How long the callback service works on each backlog.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub backlog_window: Duration,
+    /// Ids per CHECK / CONFIRM message in the pre-filled queues.
+    #[arg(long, default_value_t = 100)]
+    pub ids_per_message: usize,
+    /// Run only these parts (comma-separated); default all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Part>,
+    /// Longest wait for any one phase.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Where the report (report.json, report.md), stores and service logs go.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// A smoke run: a few thousand messages, small backlogs (sizes above are ignored).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+impl BenchOptions {
+    /// The sizes of a `--quick` run: every scenario completes, no figure means anything.
+    pub fn quick(mut self) -> Self {
+        self.quick = true;
+        self.messages = 2_000;
+        self.offered_orders = 200;
+        self.offered_rate = 200;
+        self.callback_messages = 2_000;
+        self.backlog = vec![1_000, 5_000];
+        self.backlog_window = Duration::from_secs(2);
+        self.deadline = self.deadline.min(Duration::from_secs(120));
+        self
+    }
+
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+
+    fn check_delay_text(&self) -> String {
+        format!("{}ms", self.check_delay.as_millis())
+    }
+}
+
+/// Everything a scenario needs.
+pub struct Env<'a> {
+    pub rabbit: &'a Rabbit,
+    pub postgres: &'a Postgres,
+    /// Where the service binaries are.
+    pub bin_dir: PathBuf,
+    /// The `bench` binary (the outbox service runs as `bench outbox-service`).
+    pub bench_exe: PathBuf,
+    pub options: BenchOptions,
+    broker_pid: Option<u32>,
+    postgres_pid: Option<u32>,
+}
+
+impl Env<'_> {
+    /// The bench process itself (named `me`) and the servers.
+    fn targets(&self, me: &str, postgres: bool) -> Vec<(String, Target)> {
+        let mut targets = vec![(me.to_owned(), Target::Shared(std::process::id()))];
+        targets.extend(self.server_targets(postgres));
+        targets
+    }
+
+    /// RabbitMQ, and PostgreSQL when the scenario uses it.
+    fn server_targets(&self, postgres: bool) -> Vec<(String, Target)> {
+        let mut targets = Vec::new();
+        if let Some(pid) = self.broker_pid {
+            targets.push(("rabbitmq".to_owned(), Target::Shared(pid)));
+        }
+        if let (true, Some(pid)) = (postgres, self.postgres_pid) {
+            targets.push(("postgres (all backends)".to_owned(), Target::Forking(pid)));
+        }
+        targets
+    }
+}
+
+/// Runs every selected part on `kit`'s servers; a part that fails is reported in `errors` and
+/// the others still run.
+pub async fn run(
+    kit: &Kit,
+    bin_dir: &Path,
+    bench_exe: &Path,
+    options: BenchOptions,
+) -> Result<(Report, Vec<String>)> {
+    let port = |url: &str, default| {
+        urls::host_port(url, default).rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok())
+    };
+    let env = Env {
+        rabbit: &kit.rabbit,
+        postgres: &kit.postgres,
+        bin_dir: bin_dir.to_owned(),
+        bench_exe: bench_exe.to_owned(),
+        broker_pid: port(&kit.rabbit.url(""), 5672).and_then(procfs::listener_pid),
+        postgres_pid: port(kit.postgres.admin_url(), 5432).and_then(procfs::listener_pid),
+        options,
+    };
+    std::fs::create_dir_all(&env.options.out)?;
+    let machine_start = load_average();
+    let mut scenarios = Vec::new();
+    let mut errors = Vec::new();
+    let mut note = |what: &str, e: anyhow::Error| {
+        eprintln!("bench: {what} failed: {e:#}");
+        errors.push(format!("{what}: {e:#}"));
+    };
+    type Step<'e> = (
+        Part,
+        &'static str,
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<report::Scenario>> + 'e>>,
+    );
+    let steps: Vec<Step> = vec![
+        (Part::Raw, "raw", Box::pin(raw::run(&env))),
+        (Part::Naive, "naive", Box::pin(naive::run(&env))),
+        (Part::RecheckSqlite, "recheck (SQLite)", Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite))),
+        (
+            Part::RecheckPostgres,
+            "recheck (Postgres)",
+            Box::pin(recheck_flow::run(&env, CallbackStore::Postgres)),
+        ),
+        (Part::Outbox, "outbox", Box::pin(outbox::run(&env))),
+    ];
+    for (part, name, step) in steps {
+        if !env.options.runs(part) {
+            continue;
+        }
+        eprintln!("bench: {name}");
+        let started = Instant::now();
+        match step.await {
+            Ok(scenario) => {
+                eprintln!(
+                    "bench: {name}: {:.0} msgs/s, create p99 {:.1} ms, lost {} ({:.0?} in all)",
+                    scenario.per_s,
+                    scenario.latency_us.p99 as f64 / 1000.0,
+                    scenario.lost,
+                    started.elapsed()
+                );
+                scenarios.push(scenario);
+            }
+            Err(e) => note(name, e),
+        }
+    }
+    let stores = [CallbackStore::Sqlite, CallbackStore::Postgres];
+    let mut callback_rates = Vec::new();
+    if env.options.runs(Part::Callback) {
+        for store in stores {
+            eprintln!("bench: callback service alone ({})", store.label());
+            match callback::rates(&env, store).await {
+                Ok(rates) => callback_rates.push(rates),
+                Err(e) => note(&format!("callback rates ({})", store.label()), e),
+            }
+        }
+    }
+    let mut backlog = Vec::new();
+    if env.options.runs(Part::Backlog) {
+        for store in stores {
+            for &pending in &env.options.backlog {
+                eprintln!("bench: callback backlog of {pending} ({})", store.label());
+                match callback::backlog(&env, store, pending).await {
+                    Ok(b) => backlog.push(b),
+                    Err(e) => note(&format!("callback backlog {pending} ({})", store.label()), e),
+                }
+            }
+        }
+    }
+    let rabbitmq = kit.rabbit.ctl(&["version"]).await.map(|v| v.trim().to_owned()).unwrap_or_default();
+    let report = Report {
+        machine: Machine {
+            cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            load_average_start: machine_start,
+            load_average_end: load_average(),
+            rabbitmq,
+            quick: env.options.quick,
+            release: !cfg!(debug_assertions),
+        },
+        messages: env.options.messages,
+        ratios: Ratios::compute(&scenarios, &callback_rates),
+        scenarios,
+        callback_rates,
+        backlog,
+    };
+    Ok((report, errors))
+}
+
+/// Writes `report.json` and `report.md` into `dir`.
+pub fn write(report: &Report, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(report)?)?;
+    std::fs::write(dir.join("report.md"), format!("{report}\n{}", report::notes(report)))?;
+    Ok(())
+}
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// A single number from `sql` (a `COUNT` or a `MAX`; NULL reads as 0).
+async fn count_rows(pool: &AnyPool, sql: &'static str) -> Result<i64> {
+    let n: Option<i64> = sqlx::query_scalar(sql).fetch_one(pool).await.with_context(|| sql.to_owned())?;
+    Ok(n.unwrap_or(0))
+}
+
+/// Polls `sql` every `every` until it says at least `target` (returns the wall-clock ms it first
+/// did), or fails after `within`.
+async fn wait_rows(
+    pool: &AnyPool,
+    sql: &'static str,
+    target: u64,
+    every: Duration,
+    within: Duration,
+) -> Result<i64> {
+    let deadline = Instant::now() + within;
+    loop {
+        let n = count_rows(pool, sql).await?;
+        if n >= 0 && n as u64 >= target {
+            return Ok(recheck::message::now_ms());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{n} of {target} after {within:?} ({sql})");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// How often a scenario looks at a store while waiting for it to settle.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Waits until `queue` has a consumer (the consumer service is up).
+async fn wait_for_consumer(amqp_url: &str, queue: &str, within: Duration) -> Result<()> {
+    let link = broker::publisher(amqp_url, "bench-probe").await?;
+    let deadline = Instant::now() + within;
+    let result = async {
+        loop {
+            // A passive declare of a missing queue closes the channel: a fresh one per round.
+            let channel = link.create_channel().await?;
+            let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+            if let Ok(q) = channel.queue_declare(queue.into(), options, Default::default()).await
+                && q.consumer_count() > 0
+            {
+                return Ok(());
+            }
+            let _ = channel.close(200, "probe".into()).await;
+            anyhow::ensure!(Instant::now() < deadline, "nothing consumes {queue} after {within:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    .await;
+    link.close().await;
+    result
+}
