@@ -49,14 +49,19 @@ async fn run(dir: &Path) -> Result<()> {
     let python = python()?;
     let kit = recheck_tests::kit().await;
     let vhost = kit.rabbit.fresh_vhost().await?;
-    let bin_dir = recheck_tests::demo::bin_dir()?;
+    let callback_bin = recheck_tests::demo::bin_dir()?.join("callback-service");
+    ensure!(
+        callback_bin.exists(),
+        "{} is missing: build the workspace binaries first (scripts/test does)",
+        callback_bin.display()
+    );
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python");
     let (admin_port, hook_port) = (recheck_tests::free_port()?, recheck_tests::free_port()?);
 
     // The callback service first: it declares the topology the Python side declares again.
     let callback_db = format!("sqlite://{}?mode=rwc", dir.join("callback.db").display());
     let mut callback = Proc::spawn(
-        Command::new(bin_dir.join("callback-service"))
+        Command::new(&callback_bin)
             .env("RECHECK_AMQP_URL", vhost.as_str())
             .env("DATABASE_URL", &callback_db)
             .env("RECHECK_GRPC_ADDR", format!("127.0.0.1:{admin_port}"))
