@@ -7,6 +7,7 @@ use recheck_proto::v1::{
     self as pb, GetMessageRequest, GetMessageResponse, ListMessagesRequest, ListMessagesResponse,
     RedriveRequest, RedriveResponse, StatsRequest, StatsResponse, admin_server,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::{
@@ -22,8 +23,13 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    pub fn into_server(self) -> admin_server::AdminServer<Self> {
-        admin_server::AdminServer::new(self)
+    /// The server, answering `UNAUTHENTICATED` unless the caller presents one of `auth`'s tokens
+    /// (every call passes when `auth` has none).
+    pub fn into_server(
+        self,
+        auth: recheck::BearerAuth,
+    ) -> InterceptedService<admin_server::AdminServer<Self>, recheck::BearerAuth> {
+        admin_server::AdminServer::with_interceptor(self, auth)
     }
 }
 

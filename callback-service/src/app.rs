@@ -133,7 +133,7 @@ impl App {
 
         let grpc = Server::builder()
             .add_service(health)
-            .add_service(admin.into_server())
+            .add_service(admin.into_server(c.admin_tokens.clone().unwrap_or_default()))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),
                 shutdown.clone().cancelled_owned(),

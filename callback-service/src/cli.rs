@@ -43,6 +43,9 @@ pub struct AdminCommand {
     /// gRPC address of the callback service.
     #[arg(long, env = "RECHECK_ADMIN_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// Bearer token for the Admin API (one of the service's `RECHECK_ADMIN_TOKENS`).
+    #[arg(long, env = "RECHECK_ADMIN_TOKEN", hide_env_values = true, value_parser = recheck::auth::parse_attach)]
+    pub token: Option<recheck::auth::AttachToken>,
     #[command(subcommand)]
     pub action: AdminAction,
 }
@@ -85,7 +88,7 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("connecting to {}", cmd.addr))?;
-    let mut admin = AdminClient::new(channel);
+    let mut admin = AdminClient::with_interceptor(channel, cmd.token.clone().unwrap_or_default());
     match cmd.action {
         AdminAction::Stats => {
             let stats = admin.stats(StatsRequest {}).await.map_err(status_error)?.into_inner();

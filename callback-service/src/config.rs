@@ -42,6 +42,11 @@ pub struct Config {
     #[arg(long, env = "RECHECK_PRODUCERS_FILE")]
     pub producers_file: Option<PathBuf>,
 
+    /// Bearer tokens accepted by the Admin API, comma-separated (several while rotating).
+    /// Unset: no authentication (keep the listener on a private address then).
+    #[arg(long, env = "RECHECK_ADMIN_TOKENS", hide_env_values = true, value_parser = recheck::auth::parse_auth)]
+    pub admin_tokens: Option<recheck::BearerAuth>,
+
     /// Resends of one message before it is marked `failed`.
     #[arg(long, env = "RECHECK_MAX_RESENDS", default_value_t = 5)]
     pub max_resends: u32,
@@ -136,12 +141,12 @@ impl Config {
         config.broker.amqp_url = amqp_url.into();
         config.database_url = database_url.into();
         config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.ops.ops_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config
     }
 
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
-        config.ops.ops_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         self.broker.topology()
     }
 
@@ -176,13 +181,13 @@ mod tests {
         assert_eq!(c.confirm_linger, Duration::from_millis(5));
         assert_eq!(c.limits().max_ids, 5_000);
         assert_eq!(c.grpc_addr.port(), 0);
+        assert_eq!(c.ops.ops_addr.port(), 0);
+        assert_eq!(Config::parse_from(["callback-service"]).ops.ops_addr.port(), 9051);
     }
 
     #[test]
     fn producers_flag_splits_on_commas() {
         let c = Config::parse_from([
-        assert_eq!(c.ops.ops_addr.port(), 0);
-        assert_eq!(Config::parse_from(["callback-service"]).ops.ops_addr.port(), 9051);
             "callback-service",
             "--producers",
             "orders=http://127.0.0.1:50061, billing=http://h:1 tok",

@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr, time::Duratio
 use recheck_proto::v1::{ResendRequest, ResendResponse, resend_hook_client::ResendHookClient};
 use tonic::{
     Status,
-    metadata::{AsciiMetadataValue, MetadataValue},
+    metadata::AsciiMetadataValue,
     transport::{Channel, Endpoint},
 };
 
@@ -144,9 +144,10 @@ impl ProducerRegistry {
                 .map_err(|e| RegistryError::Malformed { entry: entry.url.clone(), reason: e.to_string() })?
                 .connect_timeout(connect_timeout)
                 .concurrency_limit(max_rpcs.max(1));
-            let authorization = entry.token.as_deref().map(bearer).transpose().map_err(|_| {
-                RegistryError::Malformed { entry: entry.name.clone(), reason: "invalid token".into() }
-            })?;
+            let authorization =
+                entry.token.as_deref().map(recheck::auth::bearer_value).transpose().map_err(|_| {
+                    RegistryError::Malformed { entry: entry.name.clone(), reason: "invalid token".into() }
+                })?;
             let client = ProducerClient {
                 producer: entry.name.clone(),
                 url: entry.url,
@@ -240,12 +241,6 @@ fn is_timeout(status: &Status) -> bool {
         source = e.source();
     }
     false
-}
-
-fn bearer(token: &str) -> Result<AsciiMetadataValue, tonic::metadata::errors::InvalidMetadataValue> {
-    let mut value = MetadataValue::try_from(format!("Bearer {token}"))?;
-    value.set_sensitive(true);
-    Ok(value)
 }
 
 /// The entry as written, minus its token, for error messages.

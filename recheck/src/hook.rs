@@ -7,10 +7,10 @@ use recheck_proto::v1::{
     ResendOutcome, ResendRequest, ResendResponse,
     resend_hook_server::{ResendHook, ResendHookServer},
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 use uuid::Uuid;
 
-use crate::{Producer, message::now_ms};
+use crate::{BearerAuth, Producer, message::now_ms};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,6 +47,14 @@ impl<S: ResendSource> ResendHookService<S> {
 
     pub fn into_server(self) -> ResendHookServer<Self> {
         ResendHookServer::new(self)
+    }
+
+    /// The server, answering `UNAUTHENTICATED` unless the caller presents one of `auth`'s tokens.
+    pub fn into_authenticated_server(
+        self,
+        auth: BearerAuth,
+    ) -> InterceptedService<ResendHookServer<Self>, BearerAuth> {
+        ResendHookServer::with_interceptor(self, auth)
     }
 
     /// The decision, callable without gRPC.

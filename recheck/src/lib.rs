@@ -10,16 +10,18 @@
 //! - [`group_commit`]: many callers, one broker message, one confirm wait.
 //! - [`producer`]: `prepare` → commit → `publish`; also the seed order.
 //! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
+//! - [`auth`]: bearer tokens on gRPC servers (the hook, the callback service's Admin API).
 //! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
 //! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way.
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
-
 //! - [`telemetry`]: the metric catalog (names, labels, help) every component records by.
 //! - `ops` (feature `service`): the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and gRPC
 //!   health, both from one set of readiness checks.
+
+pub mod auth;
 pub mod confirmer;
 pub mod consume;
 pub mod db;
@@ -28,18 +30,19 @@ pub mod group_commit;
 pub mod hook;
 pub mod inbox;
 pub mod message;
-pub mod parking;
-pub mod producer;
 #[cfg(feature = "service")]
 pub mod ops;
+pub mod parking;
+pub mod producer;
 pub mod publisher;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod shutdown;
 pub mod subscription;
+pub mod telemetry;
 pub mod topology;
 
-pub mod telemetry;
+pub use auth::BearerAuth;
 pub use confirmer::Confirmer;
 pub use consume::{Applied, ConsumerConfig, ConsumerLoop, Effect, Incoming, Transient};
 pub use error::{Error, Result};

@@ -45,8 +45,10 @@ pub struct DeployOptions {
     /// Defer checks while the consumer's queue has a backlog.
     pub deferral: bool,
     pub consumer_faults: ConsumerFaults,
-    /// Extra environment for the callback service(s).
+    /// Extra environment for the callback service(s) and for upstream-demo (they win over the
+    /// deployment's own settings).
     pub callback_env: Vec<(String, String)>,
+    pub upstream_env: Vec<(String, String)>,
     /// What the callback service calls as the producer hook (e.g. a fault proxy in front of
     /// upstream-demo); `None` = upstream-demo directly.
     pub hook_addr: Option<String>,
@@ -76,6 +78,7 @@ impl DeployOptions {
             deferral: true,
             consumer_faults: ConsumerFaults::default(),
             callback_env: Vec::new(),
+            upstream_env: Vec::new(),
             hook_addr: None,
             orders_port: None,
         }
@@ -189,11 +192,11 @@ pub struct Deployment {
     pub orders_db: String,
     pub points_db: String,
     pub callback_db: String,
+    /// Each service's ops HTTP port (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_ports: HashMap<Role, u16>,
     services: HashMap<Role, Service>,
 }
 
-    /// Each service's ops HTTP port (`/metrics`, `/healthz`, `/readyz`).
-    pub ops_ports: HashMap<Role, u16>,
 /// Outcome counts from the stores: what the producer committed against what the consumer did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Verdict {
@@ -278,6 +281,7 @@ impl Deployment {
         env.push(("RECHECK_GRPC_ADDR".into(), format!("127.0.0.1:{orders_port}")));
         env.push(("RECHECK_CHECK_DELAY".into(), opts.check_delay.clone()));
         env.push(("RECHECK_GRACE".into(), opts.grace.clone()));
+        env.extend(opts.upstream_env.iter().cloned());
         add(Role::Upstream, "upstream-demo", &["serve"], env);
         let faults = &opts.consumer_faults;
         let mut env = common(&sqlite("points"));
@@ -286,27 +290,27 @@ impl Deployment {
         env.push(("RECHECK_REJECT_RATE".into(), faults.reject_rate.to_string()));
         env.push(("RECHECK_SLOW_MS".into(), faults.slow_ms.to_string()));
         add(Role::Downstream, "downstream-demo", &["serve"], env);
-
-        let mut deployment = Self {
-            dir: dir.clone(),
-            bin_dir: bin_dir.to_owned(),
         let mut ops_ports = HashMap::new();
         for (role, service) in services.iter_mut() {
             let port = free_port()?;
             service.env.push(("RECHECK_OPS_ADDR".into(), format!("127.0.0.1:{port}")));
             ops_ports.insert(*role, port);
         }
+
+        let mut deployment = Self {
+            dir: dir.clone(),
+            bin_dir: bin_dir.to_owned(),
             amqp_url: opts.amqp_url.clone(),
             callback_ports,
             orders_port,
             orders_db: sqlite("orders"),
             points_db: sqlite("points"),
             callback_db,
+            ops_ports,
             services,
         };
         // The callback service first: it migrates its store, and the second instance waits for that.
         for role in deployment.roles() {
-            ops_ports,
             deployment.start_service(role).await?;
         }
         Ok(deployment)
@@ -332,6 +336,14 @@ impl Deployment {
             Role::Upstream => wait_for_port(self.orders_port, deadline, &log).await,
             Role::Downstream => wait_for_consumer(&self.amqp_url, deadline, &log).await,
         }
+    }
+
+    /// Sets (or replaces) one environment variable of `role`, for its next start.
+    pub fn set_env(&mut self, role: Role, key: &str, value: &str) -> Result<()> {
+        let service = self.services.get_mut(&role).with_context(|| format!("no {role}"))?;
+        service.env.retain(|(k, _)| k != key);
+        service.env.push((key.to_owned(), value.to_owned()));
+        Ok(())
     }
 
     /// `kill -9`: no shutdown, no flush, connections dropped by the kernel.

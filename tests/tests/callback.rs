@@ -54,7 +54,35 @@ on_both_stores!(
     an_unknown_producer_fails_visibly,
     retention_purges_only_old_terminal_rows,
     a_lagging_consumer_defers_checks_instead_of_resending,
+    the_admin_api_requires_its_token,
 );
+
+async fn the_admin_api_requires_its_token(url: &str) {
+    let env =
+        Env::start(url, |c| c.admin_tokens = Some(recheck::BearerAuth::new(["adm1n".to_owned()]))).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", env.admin_addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = |token: Option<&str>| {
+        pb::admin_client::AdminClient::with_interceptor(
+            channel.clone(),
+            recheck::auth::AttachToken::new(token).unwrap(),
+        )
+    };
+    for token in [None, Some("wrong"), Some("adm1")] {
+        let status = client(token).stats(pb::StatsRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
+    }
+    let stats = client(Some("adm1n")).stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.total, 0);
+    // Health stays open to probes.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let answer = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+    assert!(answer.is_ok(), "{answer:?}");
+    env.shutdown().await;
+}
 
 async fn confirmed_before_the_check_needs_no_rpc(url: &str) {
     let mut env = Env::start(url, |_| {}).await;

@@ -80,11 +80,15 @@ impl App {
             self.store.clone(),
         );
         let orders = OrdersService::new(self.store.clone(), self.producer.clone());
+        let auth = self.config.hook_tokens.clone().unwrap_or_default();
+        if !auth.enabled() {
+            tracing::warn!("ResendHook accepts unauthenticated calls: set RECHECK_HOOK_TOKENS in production");
+        }
 
         tracing::info!(grpc_addr = %self.grpc_addr, producer = %self.config.producer_name, "upstream demo started");
         let grpc = Server::builder()
             .add_service(health)
-            .add_service(hook.into_server())
+            .add_service(hook.into_server(auth))
             .add_service(OrdersServer::new(orders))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),

@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "RECHECK_GRACE", default_value = "1m", value_parser = parse_duration)]
     pub grace: Duration,
 
+    /// Bearer tokens accepted on `ResendHook`, comma-separated (several while rotating); the
+    /// callback service sends one (its `NAME=URL TOKEN` producer entry). Unset: no authentication.
+    #[arg(long, env = "RECHECK_HOOK_TOKENS", hide_env_values = true, value_parser = recheck::auth::parse_auth)]
+    pub hook_tokens: Option<recheck::BearerAuth>,
+
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]
     pub log: Option<String>,

@@ -3,12 +3,12 @@
 //! the same id, typed outcome, grace period for transactions still committing).
 //! [`AuditedHook`] also records every call in `hook_calls`.
 
-use recheck::{Lookup, ResendHookService, ResendSource, hook::BoxError};
+use recheck::{BearerAuth, Lookup, ResendHookService, ResendSource, hook::BoxError};
 use recheck_proto::v1::{
     ResendRequest, ResendResponse,
     resend_hook_server::{ResendHook, ResendHookServer},
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 use uuid::Uuid;
 
 use crate::Store;
@@ -33,8 +33,9 @@ impl AuditedHook {
         Self { inner, store }
     }
 
-    pub fn into_server(self) -> ResendHookServer<Self> {
-        ResendHookServer::new(self)
+    /// The server, answering `UNAUTHENTICATED` unless the caller presents one of `auth`'s tokens.
+    pub fn into_server(self, auth: BearerAuth) -> InterceptedService<ResendHookServer<Self>, BearerAuth> {
+        ResendHookServer::with_interceptor(self, auth)
     }
 }
 

@@ -28,6 +28,8 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
         producer_name: "orders".into(),
         check_delay: Duration::from_secs(30),
         grace: Duration::ZERO,
+        hook_tokens: None,
+        ops: recheck::ops::OpsArgs { ops_addr: "127.0.0.1:0".parse().unwrap() },
         log: None,
     };
     let app = build(config).await.unwrap();

@@ -57,6 +57,10 @@ pub struct LoadConfig {
     #[arg(long, env = "RECHECK_ADMIN_ADDR", default_value = "http://127.0.0.1:50051")]
     pub admin_addr: String,
 
+    /// Bearer token for the Admin API.
+    #[arg(long, env = "RECHECK_ADMIN_TOKEN", hide_env_values = true, value_parser = recheck::auth::parse_attach)]
+    pub admin_token: Option<recheck::auth::AttachToken>,
+
     /// The consumer's store (`points` table); without it, `lost` is judged from the
     /// callback service's status alone.
     #[arg(long, env = "RECHECK_POINTS_DATABASE_URL")]
@@ -100,7 +104,7 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10))
         .connect_lazy();
-    let admin = AdminClient::new(admin);
+    let admin = AdminClient::with_interceptor(admin, config.admin_token.clone().unwrap_or_default());
     let points = match &config.points_database_url {
         Some(url) => Some(points::PointsStore::connect(url).await.context("opening the points store")?),
         None => None,

@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::Duration};
 
 use futures_util::{StreamExt, stream};
 use indicatif::ProgressBar;
+use recheck::auth::WithToken;
 use recheck_proto::v1::{GetMessageRequest, admin_client::AdminClient};
 use tokio::time::{Instant, sleep};
 use tonic::{Code, transport::Channel};
@@ -28,7 +29,7 @@ pub struct Settlement {
 }
 
 pub async fn settle(
-    admin: AdminClient<Channel>,
+    admin: AdminClient<WithToken<Channel>>,
     ids: Vec<String>,
     wait: Duration,
     bar: ProgressBar,
