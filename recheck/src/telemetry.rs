@@ -60,6 +60,31 @@ pub const RECOVERED: &str = "recheck_recovered_total";
 /// Gauge `{status}`: messages per status in the store (refreshed every few seconds).
 pub const MESSAGES: &str = "recheck_messages";
 
+/// Every metric of the catalog (the README table and the Grafana dashboard cover them all: a test
+/// in `tests/tests/compose.rs` checks both).
+pub const ALL: &[&str] = &[
+    PUBLISHES,
+    PUBLISH_SECONDS,
+    REPUBLISHES,
+    PREPARED,
+    BUSINESS_PUBLISHED,
+    CHECK_BATCH_SIZE,
+    CONSUMED,
+    CONSUMER_BATCH_SIZE,
+    CONFIRM_BATCH_SIZE,
+    PARKED,
+    CHECKS,
+    CHECKS_DEFERRED,
+    RECONCILE_BATCH_SIZE,
+    RESENDS,
+    HOOK_RPC_SECONDS,
+    CONFIRMS,
+    INGEST_BATCH_SIZE,
+    CONFIRM_LATENCY_SECONDS,
+    RECOVERED,
+    MESSAGES,
+];
+
 /// Bucket bounds (seconds) of the latency histograms.
 pub const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -136,8 +161,12 @@ mod tests {
     #[test]
     fn every_histogram_has_buckets_and_names_are_prefixed() {
         for (name, buckets) in HISTOGRAMS {
-            assert!(name.starts_with("recheck_") && !buckets.is_empty());
+            assert!(ALL.contains(name), "{name} is not in ALL");
+            assert!(!buckets.is_empty());
             assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{name}: buckets not increasing");
         }
+        let unique: std::collections::BTreeSet<_> = ALL.iter().collect();
+        assert_eq!(unique.len(), ALL.len(), "a metric is listed twice");
+        assert!(ALL.iter().all(|name| name.starts_with("recheck_")));
     }
 }

@@ -2,7 +2,9 @@
 //! our Dockerfile runs one of our binaries, with subcommands and flags that binary has and only
 //! environment variables it reads (taken from its `--help`, i.e. from clap's `env = …`); every
 //! service has a healthcheck and waits for its dependencies to be healthy; the Dockerfile installs
-//! every binary compose runs.
+//! every binary compose runs. The observability profile's files agree with it too: Prometheus scrapes
+//! each service on its ops port, bind-mounted files exist, and the Grafana dashboard and the README
+//! cover exactly the metric catalog (`recheck::telemetry::ALL`).
 //!
 //! The binaries are looked up next to this test's executable (`target/<profile>/`), so they must
 //! be built first: `cargo build --workspace --bins` (scripts/test does).
@@ -496,6 +498,126 @@ fn the_dockerfile_builds_and_installs_every_binary_compose_runs() {
                 problems.push(format!("{name} runs {bin}, but the Dockerfile has no `{needle}`"));
             }
         }
+    }
+    report(problems);
+}
+
+/// `environment:` value of `name`, map form or list form.
+fn environment_value(spec: &Hash, name: &str) -> Option<String> {
+    match spec.get(&key("environment"))? {
+        Yaml::Hash(map) => map.get(&key(name)).and_then(scalar),
+        Yaml::Array(items) => items
+            .iter()
+            .filter_map(scalar)
+            .find_map(|item| item.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.to_owned())),
+        _ => None,
+    }
+}
+
+#[test]
+fn prometheus_scrapes_every_service_on_its_ops_port() {
+    let compose = compose();
+    let mut problems = Vec::new();
+    // "service:port" of every service with an ops listener.
+    let mut expected = BTreeSet::new();
+    for (name, spec) in services(&compose) {
+        let runs_a_service = built_here(&spec).unwrap_or(false)
+            && service_argv(&spec).is_ok_and(|argv| argv.iter().any(|a| a == "serve"));
+        match environment_value(&spec, "RECHECK_OPS_ADDR") {
+            Some(addr) => match addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()) {
+                Some(port) => {
+                    expected.insert(format!("{name}:{port}"));
+                }
+                None => problems.push(format!("{name}: RECHECK_OPS_ADDR {addr:?} has no port")),
+            },
+            None if runs_a_service => problems.push(format!("{name}: no RECHECK_OPS_ADDR (its /metrics)")),
+            None => {}
+        }
+    }
+    let path = repo_file("deploy/prometheus.yml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let config = YamlLoader::load_from_str(&text).expect("deploy/prometheus.yml is not valid YAML");
+    let mut targets = BTreeSet::new();
+    for job in config[0]["scrape_configs"].as_vec().expect("deploy/prometheus.yml: no scrape_configs") {
+        for group in job["static_configs"].as_vec().into_iter().flatten() {
+            targets.extend(group["targets"].as_vec().into_iter().flatten().filter_map(scalar));
+        }
+    }
+    for missing in expected.difference(&targets) {
+        problems.push(format!("deploy/prometheus.yml does not scrape {missing}"));
+    }
+    for unknown in targets.difference(&expected) {
+        problems
+            .push(format!("deploy/prometheus.yml scrapes {unknown}: no compose service has that ops port"));
+    }
+    report(problems);
+}
+
+#[test]
+fn bind_mounted_files_exist() {
+    let mut problems = Vec::new();
+    for (name, spec) in services(&compose()) {
+        let volumes = spec.get(&key("volumes")).and_then(Yaml::as_vec).cloned().unwrap_or_default();
+        for source in volumes.iter().filter_map(scalar).filter_map(|v| v.split(':').next().map(str::to_owned))
+        {
+            if source.starts_with("./") && !repo_file(&source).exists() {
+                problems.push(format!("{name}: mounts {source}, which does not exist"));
+            }
+        }
+    }
+    report(problems);
+}
+
+/// `recheck_*` metric names in `text`, histogram series (`_bucket`, `_sum`, `_count`) as their metric.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let catalog: BTreeSet<&str> = recheck::telemetry::ALL.iter().copied().collect();
+    let mut names = BTreeSet::new();
+    for (at, _) in text.match_indices("recheck_") {
+        if text[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|b| catalog.contains(b)))
+            .unwrap_or(&name);
+        names.insert(base.to_owned());
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_readme_cover_the_metric_catalog() {
+    let catalog: BTreeSet<String> = recheck::telemetry::ALL.iter().map(|s| s.to_string()).collect();
+    let path = repo_file("deploy/grafana/dashboards/recheck.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is not valid JSON");
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .expect("the dashboard has no panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().into_iter().flatten())
+        .filter_map(|target| target["expr"].as_str())
+        .collect();
+    let used = metric_names(&exprs.join("\n"));
+    let mut problems = Vec::new();
+    for unknown in used.difference(&catalog) {
+        problems.push(format!("the dashboard queries {unknown}, which no component records"));
+    }
+    for unused in catalog.difference(&used) {
+        problems.push(format!("the dashboard shows nothing of {unused}"));
+    }
+    let readme = std::fs::read_to_string(repo_file("README.md")).expect("README.md");
+    for name in &catalog {
+        if !readme.contains(&format!("`{name}`")) {
+            problems.push(format!("README.md does not list `{name}`"));
+        }
+    }
+    for unknown in metric_names(&readme).difference(&catalog) {
+        problems.push(format!("README.md mentions {unknown}, which no component records"));
     }
     report(problems);
 }
