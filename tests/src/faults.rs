@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::time::{Instant, sleep};
 
 use crate::{
-    Rabbit,
+    Rabbit, RabbitCluster,
     deploy::{ConsumerFaults, DeployOptions, Deployment, LoadOptions, Role, Verdict},
     free_port,
     proxy::FaultProxy,
@@ -43,6 +43,9 @@ pub enum Fault {
     MemoryAlarm,
     /// Every service ↔ broker connection cut at once.
     ConnectionsCut,
+    /// A 3-node cluster, every service given all three addresses; the node they are connected to
+    /// is killed with -9 mid-load, and started again after the outage.
+    NodeKilled,
     /// Two callback service instances on one PostgreSQL store, both reconciling (with dropped
     /// publishes and confirms, so there is something to resend).
     TwoCallbacks,
@@ -138,6 +141,8 @@ impl Outcome {
 /// Where the broker is and how to break it.
 pub struct Broker<'a> {
     pub rabbit: &'a Rabbit,
+    /// For [`Fault::NodeKilled`].
+    pub cluster: Option<&'a RabbitCluster>,
     /// For [`Fault::TwoCallbacks`]: a fresh PostgreSQL database URL.
     pub postgres_url: Option<String>,
 }
@@ -148,9 +153,16 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
         return run_mixed(broker, bin_dir, scenario, 1).await;
     }
     let started = Instant::now();
-    let vhost = broker.rabbit.fresh_vhost().await?;
     let fault = scenario.fault;
-    let mut opts = DeployOptions::new(&scenario.dir, vhost.url.clone());
+    let (vhost_url, all_nodes) = match (fault, broker.cluster) {
+        (Fault::NodeKilled, Some(cluster)) => {
+            let vhost = cluster.fresh_vhost().await?;
+            (vhost.url(0).to_owned(), Some(vhost.joined()))
+        }
+        (Fault::NodeKilled, None) => anyhow::bail!("a node can be killed only in a cluster"),
+        _ => (broker.rabbit.fresh_vhost().await?.url, None),
+    };
+    let mut opts = DeployOptions::new(&scenario.dir, all_nodes.unwrap_or_else(|| vhost_url.clone()));
     opts.deferral = scenario.deferral;
     let mut load = LoadOptions { rate: scenario.rate, ..LoadOptions::new(scenario.orders) };
 
@@ -161,8 +173,8 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
         Fault::BusinessDropped => load.skip_publish_rate = 0.1,
         Fault::ConfirmDropped => opts.consumer_faults.drop_confirm_rate = 0.1,
         Fault::ConnectionsCut => {
-            let proxy = FaultProxy::start(socket_addr(&vhost.url)?)?;
-            opts.amqp_url = proxy.url_for(&vhost.url);
+            let proxy = FaultProxy::start(socket_addr(&vhost_url)?)?;
+            opts.amqp_url = proxy.url_for(&vhost_url);
             amqp_proxy = Some(proxy);
         }
         Fault::HookDown => {
@@ -215,6 +227,13 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
             broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
         }
         Fault::ConnectionsCut => amqp_proxy.as_ref().expect("set up above").cut(),
+        Fault::NodeKilled => {
+            // Every service connects to the first address first.
+            let cluster = broker.cluster.expect("checked above");
+            cluster.kill(0).await?;
+            sleep(outage).await;
+            cluster.restart(0).await?;
+        }
     }
     let recovered = Instant::now();
 

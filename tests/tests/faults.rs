@@ -24,11 +24,23 @@ async fn row(fault: Fault, tune: impl FnOnce(&mut Scenario)) -> Outcome {
         Fault::TwoCallbacks => Some(kit.postgres.fresh_database().await.unwrap().url),
         _ => None,
     };
-    let broker = Broker { rabbit: &kit.rabbit, postgres_url };
+    let cluster = match fault {
+        Fault::NodeKilled => Some(
+            tokio::task::spawn_blocking(|| recheck_tests::RabbitCluster::start_private(3))
+                .await
+                .unwrap()
+                .unwrap(),
+        ),
+        _ => None,
+    };
+    let broker = Broker { rabbit: &kit.rabbit, cluster: cluster.as_ref(), postgres_url };
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-{fault:?}"));
     let mut scenario = Scenario::new(fault, ORDERS, dir);
     tune(&mut scenario);
     let outcome = faults::run(&broker, &recheck_tests::demo::bin_dir().unwrap(), &scenario).await.unwrap();
+    if let Some(cluster) = cluster {
+        tokio::task::spawn_blocking(move || cluster.shutdown()).await.unwrap().unwrap();
+    }
     eprintln!("{}", serde_json::to_string_pretty(&outcome).unwrap());
     outcome.check().unwrap();
     assert!(
@@ -92,6 +104,12 @@ async fn memory_alarm_mid_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_broker_connections_cut_mid_load() {
     row(Fault::ConnectionsCut, |_| {}).await;
+}
+
+/// Quorum queues replicated on three nodes; the node every service is connected to dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cluster_node_killed_mid_load() {
+    row(Fault::NodeKilled, |s| s.outage = std::time::Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

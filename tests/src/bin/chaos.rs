@@ -44,6 +44,7 @@ fn plan(args: &Args) -> Vec<Scenario> {
         BrokerRestart,
         MemoryAlarm,
         ConnectionsCut,
+        NodeKilled,
         TwoCallbacks,
         ConsumerDown,
         Mixed,
@@ -85,6 +86,13 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("chaos: starting a private RabbitMQ node and PostgreSQL cluster");
     let kit = tokio::task::spawn_blocking(recheck_tests::Kit::start_private).await??;
     let bin_dir = recheck_tests::demo::bin_dir()?;
+    let wants_cluster = plan(&args).iter().any(|s| s.fault == Fault::NodeKilled);
+    let cluster = if wants_cluster {
+        eprintln!("chaos: starting a private 3-node RabbitMQ cluster");
+        Some(tokio::task::spawn_blocking(|| recheck_tests::RabbitCluster::start_private(3)).await??)
+    } else {
+        None
+    };
     let run = async {
         let mut outcomes = Vec::new();
         for scenario in plan(&args) {
@@ -96,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 Fault::TwoCallbacks => Some(kit.postgres.fresh_database().await?.url),
                 _ => None,
             };
-            let broker = Broker { rabbit: &kit.rabbit, postgres_url };
+            let broker = Broker { rabbit: &kit.rabbit, cluster: cluster.as_ref(), postgres_url };
             let outcome = faults::run(&broker, &bin_dir, &scenario)
                 .await
                 .with_context(|| format!("row {:?}", scenario.fault))?;
@@ -111,6 +119,9 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     tokio::task::spawn_blocking(move || kit.shutdown()).await??;
+    if let Some(cluster) = cluster {
+        tokio::task::spawn_blocking(move || cluster.shutdown()).await??;
+    }
     let outcomes = outcomes?;
 
     std::fs::write(args.dir.join("report.json"), serde_json::to_string_pretty(&outcomes)?)?;
