@@ -41,7 +41,7 @@ async fn start(postgres: bool, extra: &[&str]) -> Harness {
         format!("sqlite://{}/points.db?mode=rwc", dir.path().display())
     };
     let mut args = vec!["downstream-demo", "--amqp-url", &vhost.url, "--database-url", &db];
-    args.extend(["--delay-tiers", "1s"]);
+    args.extend(["--delay-tiers", "1s", "--ops-addr", "127.0.0.1:0"]);
     args.extend(extra);
     let mut config = Config::try_parse_from(args).unwrap();
     if extra.is_empty() {
