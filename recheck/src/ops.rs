@@ -7,7 +7,8 @@
 //!
 //! The same probes drive the gRPC health service of a service that has one ([`report_health`]),
 //! so HTTP and gRPC never disagree. Build, then run: [`OpsArgs::bind`] binds (port 0 picks a free
-//! port), [`OpsServer::serve`] serves until the shutdown token is cancelled.
+//! port), [`OpsServer::serve`] serves until the shutdown token is cancelled. A service adds routes
+//! of its own with [`OpsServer::routes`] (the callback service's dashboard).
 
 use std::{
     future::Future,
@@ -49,7 +50,7 @@ impl OpsArgs {
         let metrics = metrics_handle();
         let listener = TcpListener::bind(self.ops_addr).await?;
         let addr = listener.local_addr()?;
-        Ok(OpsServer { listener, addr, metrics })
+        Ok(OpsServer { listener, addr, metrics, routes: Router::new() })
     }
 }
 
@@ -58,12 +59,21 @@ pub struct OpsServer {
     listener: TcpListener,
     addr: SocketAddr,
     metrics: PrometheusHandle,
+    /// A service's own routes beside the ops endpoints ([`OpsServer::routes`]).
+    routes: Router,
 }
 
 impl OpsServer {
     /// The bound address (the real port when the configured one was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Adds a service's own routes (e.g. the callback service's dashboard), served beside the ops
+    /// endpoints with whatever authentication they bring; the ops endpoints themselves stay open.
+    pub fn routes(mut self, routes: Router) -> Self {
+        self.routes = self.routes.merge(routes);
+        self
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` (from `readiness`) until `shutdown`.
@@ -82,7 +92,8 @@ impl OpsServer {
             .route("/metrics", get(render_metrics))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
-            .with_state(Ops { metrics: self.metrics, readiness });
+            .with_state(Ops { metrics: self.metrics, readiness })
+            .merge(self.routes);
         let served = axum::serve(self.listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
         let (served, ()) = tokio::join!(served.into_future(), upkeep);
         served
@@ -282,7 +293,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_probe_that_hangs_fails_after_the_timeout() {
-        let readiness = Readiness::new().probe("store", || std::future::pending());
+        let readiness = Readiness::new().probe("store", std::future::pending);
         let started = tokio::time::Instant::now();
         let failures = readiness.failures().await;
         assert_eq!(failures.len(), 1);
