@@ -104,6 +104,7 @@ impl App {
             limits: c.limits(),
             counters: Arc::new(IngestCounters::default()),
         };
+            keys: c.confirm_keys.clone().unwrap_or_default(),
         let checks = SubscriptionConfig {
             queue: topology.checks_queue(),
             tag: "callback-checks".into(),

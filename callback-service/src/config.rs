@@ -47,6 +47,12 @@ pub struct Config {
     #[arg(long, env = "RECHECK_ADMIN_TOKENS", hide_env_values = true, value_parser = recheck::auth::parse_auth)]
     pub admin_tokens: Option<recheck::BearerAuth>,
 
+    /// Consumers' CONFIRM signing keys, comma-separated `CONSUMER=KEY` (≥ 16 bytes each). When
+    /// set, a CONFIRM that is unsigned, badly signed or from a consumer without a key is parked
+    /// and never marks a message confirmed.
+    #[arg(long, env = "RECHECK_CONFIRM_KEYS", hide_env_values = true, value_parser = recheck::signing::ConfirmKeys::parse)]
+    pub confirm_keys: Option<recheck::signing::ConfirmKeys>,
+
     /// Resends of one message before it is marked `failed`.
     #[arg(long, env = "RECHECK_MAX_RESENDS", default_value_t = 5)]
     pub max_resends: u32,

@@ -14,7 +14,8 @@ use lapin::{
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
     message::{Confirm, ConfirmBatch, Limits, Outcome},
-    parking::park,
+    parking::{ParkReason, park},
+    signing::{ConfirmKeys, SignatureError},
     telemetry,
 };
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,8 @@ pub struct ConfirmIngest {
     pub topology: Topology,
     pub limits: Limits,
     pub counters: Arc<IngestCounters>,
+    /// When not empty, only CONFIRMs signed with their consumer's key are ingested.
+    pub keys: ConfirmKeys,
 }
 
 impl ConfirmIngest {
@@ -63,7 +66,13 @@ impl ConfirmIngest {
         for d in deliveries {
             self.counters.messages.fetch_add(1, Ordering::Relaxed);
             let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
-            match ConfirmBatch::decode(&d.data, content_type, self.limits) {
+            let checked = ConfirmBatch::decode(&d.data, content_type, self.limits)
+                .map_err(Refused::Decode)
+                .and_then(|batch| match self.keys.verify(&batch.consumer, &d.data, &d.properties) {
+                    Ok(()) => Ok(batch),
+                    Err(e) => Err(Refused::Signature(e)),
+                });
+            match checked {
                 Ok(batch) => {
                     confirms.extend(batch.confirms.into_iter().map(|c| (batch.consumer.clone(), c)));
                     good.push(d);
@@ -121,6 +130,24 @@ fn record(confirms: &[(String, Confirm)], report: &IngestReport) {
         if let Ok(latency) = received.duration_since(published) {
             metrics::histogram!(telemetry::CONFIRM_LATENCY_SECONDS, "consumer" => consumer.clone())
                 .record(latency.as_secs_f64());
+        }
+    }
+}
+
+/// Why a CONFIRM delivery is parked instead of ingested.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error(transparent)]
+    Decode(#[from] recheck::message::DecodeError),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+}
+
+impl ParkReason for Refused {
+    fn class(&self) -> &'static str {
+        match self {
+            Refused::Decode(e) => e.class(),
+            Refused::Signature(e) => e.class(),
         }
     }
 }

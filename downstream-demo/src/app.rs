@@ -67,11 +67,12 @@ impl App {
         let mut consumer = ConsumerConfig::new(&c.store.consumer, &c.queue);
         consumer.prefetch = c.prefetch;
         consumer.batch_size = usize::from(c.batch_size);
-        let confirmer = Confirmer::new(
+        let confirmer = Confirmer::signed(
             self.publisher.clone(),
             self.topology.clone(),
             &c.store.consumer,
             GroupCommitConfig::default(),
+            c.confirm_key.clone(),
         );
         let mut consumer = ConsumerLoop::new(
             self.pool.clone(),

@@ -66,6 +66,11 @@ pub struct Config {
     #[command(flatten)]
     pub faults: FaultArgs,
 
+    /// Key this consumer signs its CONFIRMs with (HMAC-SHA256, ≥ 16 bytes): the callback
+    /// service's `RECHECK_CONFIRM_KEYS` entry for this consumer. Unset: CONFIRMs are unsigned.
+    #[arg(long, env = "RECHECK_CONFIRM_KEY", hide_env_values = true, value_parser = parse_key)]
+    pub confirm_key: Option<recheck::signing::SigningKey>,
+
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]
     pub log: Option<String>,
@@ -152,4 +157,8 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Serve(c)) if c.batch_size == 8));
         assert!(Cli::try_parse_from(["downstream-demo", "serve", "--batch-size", "0"]).is_err());
     }
+}
+
+fn parse_key(s: &str) -> Result<recheck::signing::SigningKey, String> {
+    recheck::signing::SigningKey::new(s)
 }

@@ -5,6 +5,7 @@ use crate::{
     GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
     message::{Confirm, ConfirmBatch, Outcome},
     producer::json_properties,
+    signing::SigningKey,
     telemetry,
 };
 
@@ -38,23 +39,34 @@ impl Confirmer {
         consumer: impl Into<String>,
         config: GroupCommitConfig,
     ) -> Self {
+        Self::signed(publisher, topology, consumer, config, None)
+    }
+
+    /// A confirmer whose CONFIRMs carry an HMAC-SHA256 signature under `key` (when the callback
+    /// service requires signed confirms: see [`crate::signing`]).
+    pub fn signed(
+        publisher: Publisher,
+        topology: Topology,
+        consumer: impl Into<String>,
+        config: GroupCommitConfig,
+        key: Option<SigningKey>,
+    ) -> Self {
         let consumer = consumer.into();
         let name = consumer.clone();
         let exchange = topology.confirms_exchange();
         let batches = GroupCommit::spawn(config, move |confirms| {
-            let (publisher, exchange) = (publisher.clone(), exchange.clone());
+            let (publisher, exchange, key) = (publisher.clone(), exchange.clone(), key.clone());
             let batch = ConfirmBatch::new(name.clone(), one_per_id(confirms));
             let (ids, body) = (batch.confirms.len(), serde_json::to_vec(&batch));
             let consumer = name.clone();
             async move {
                 let body = body?;
+                let properties = match &key {
+                    Some(key) => key.sign_properties(&body, json_properties()),
+                    None => json_properties(),
+                };
                 publisher
-                    .publish(Outgoing {
-                        exchange: &exchange,
-                        routing_key: "",
-                        body: &body,
-                        properties: json_properties(),
-                    })
+                    .publish(Outgoing { exchange: &exchange, routing_key: "", body: &body, properties })
                     .await?;
                 metrics::histogram!(telemetry::CONFIRM_BATCH_SIZE, "consumer" => consumer).record(ids as f64);
                 Ok(())

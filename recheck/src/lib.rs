@@ -12,6 +12,7 @@
 //! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
 //! - [`auth`]: bearer tokens on gRPC servers (the hook, the callback service's Admin API).
 //! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
+//! - [`signing`]: HMAC-SHA256 signatures on CONFIRMs, per consumer key.
 //! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way.
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
@@ -38,6 +39,7 @@ pub mod publisher;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod shutdown;
+pub mod signing;
 pub mod subscription;
 pub mod telemetry;
 pub mod topology;

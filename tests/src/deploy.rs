@@ -49,6 +49,7 @@ pub struct DeployOptions {
     /// deployment's own settings).
     pub callback_env: Vec<(String, String)>,
     pub upstream_env: Vec<(String, String)>,
+    pub downstream_env: Vec<(String, String)>,
     /// What the callback service calls as the producer hook (e.g. a fault proxy in front of
     /// upstream-demo); `None` = upstream-demo directly.
     pub hook_addr: Option<String>,
@@ -79,6 +80,7 @@ impl DeployOptions {
             consumer_faults: ConsumerFaults::default(),
             callback_env: Vec::new(),
             upstream_env: Vec::new(),
+            downstream_env: Vec::new(),
             hook_addr: None,
             orders_port: None,
         }
@@ -289,6 +291,7 @@ impl Deployment {
         env.push(("RECHECK_FAIL_RATE".into(), faults.fail_rate.to_string()));
         env.push(("RECHECK_REJECT_RATE".into(), faults.reject_rate.to_string()));
         env.push(("RECHECK_SLOW_MS".into(), faults.slow_ms.to_string()));
+        env.extend(opts.downstream_env.iter().cloned());
         add(Role::Downstream, "downstream-demo", &["serve"], env);
         let mut ops_ports = HashMap::new();
         for (role, service) in services.iter_mut() {
