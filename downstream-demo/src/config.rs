@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Consume `order.created` and award points until SIGTERM / SIGINT (the default).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print what the store holds: orders with points, inbox counts, rejections.
     Stats(StatsArgs),
 }
