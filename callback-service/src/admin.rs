@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::{
     reconcile::{CheckCounters, publish_redrive},
-    store::{MessageRow, Status, Store},
+    store::{MessageRow, Status, Store, StoreError},
 };
 
 pub struct AdminService {
@@ -31,6 +31,34 @@ impl AdminService {
     ) -> InterceptedService<admin_server::AdminServer<Self>, recheck::BearerAuth> {
         admin_server::AdminServer::with_interceptor(self, auth)
     }
+}
+
+/// Why a redrive did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    #[error("{0} is not failed or rejected (or unknown)")]
+    NotRedrivable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("publishing the redrive's CHECK: {0}")]
+    Publish(#[from] recheck::Error),
+}
+
+/// Redrive, for the `Redrive` RPC and the dashboard alike: `failed` / `rejected` → `pending` at a
+/// new attempt with a fresh resend budget, then that attempt's CHECK (shortest tier), whose
+/// resend does the rest.
+#[tracing::instrument(skip(store, publisher, topology))]
+pub async fn redrive(
+    store: &Store,
+    publisher: &Publisher,
+    topology: &Topology,
+    message_id: &str,
+) -> Result<MessageRow, RedriveError> {
+    let row =
+        store.redrive(message_id).await?.ok_or_else(|| RedriveError::NotRedrivable(message_id.into()))?;
+    publish_redrive(publisher, topology, &row).await?;
+    tracing::info!(attempt = row.attempt, "redriven");
+    Ok(row)
 }
 
 fn internal(e: impl std::fmt::Display) -> GrpcStatus {
@@ -139,14 +167,10 @@ impl admin_server::Admin for AdminService {
         request: Request<RedriveRequest>,
     ) -> Result<Response<RedriveResponse>, GrpcStatus> {
         let id = &request.get_ref().message_id;
-        let Some(row) = self.store.redrive(id).await.map_err(internal)? else {
-            return Err(GrpcStatus::failed_precondition(format!(
-                "{id} is not failed or rejected (or unknown)"
-            )));
-        };
-        // The row is pending at a new attempt; its CHECK makes the resend happen.
-        publish_redrive(&self.publisher, &self.topology, &row).await.map_err(internal)?;
-        tracing::info!(message_id = %id, attempt = row.attempt, "redriven");
+        let row = redrive(&self.store, &self.publisher, &self.topology, id).await.map_err(|e| match e {
+            RedriveError::NotRedrivable(_) => GrpcStatus::failed_precondition(e.to_string()),
+            e => internal(e),
+        })?;
         Ok(Response::new(RedriveResponse { message: Some(message_to_pb(row)) }))
     }
 

@@ -21,6 +21,7 @@ use crate::{
     admin::AdminService,
     backlog::Backlog,
     breaker::Breakers,
+    dashboard::Dashboard,
     ingest::{ConfirmIngest, IngestCounters},
     reconcile::{Policy, Reconciler},
     registry::ProducerRegistry,
@@ -59,7 +60,7 @@ impl App {
         self.grpc_addr
     }
 
-    /// The bound ops HTTP address (`/metrics`, `/healthz`, `/readyz`).
+    /// The bound ops HTTP address (`/metrics`, `/healthz`, `/readyz`, the dashboard).
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops.local_addr()
     }
@@ -127,6 +128,12 @@ impl App {
             topology: topology.clone(),
             checks: reconciler.counters.clone(),
         };
+        let dashboard = Dashboard::new(
+            self.store.clone(),
+            self.publisher.clone(),
+            topology.clone(),
+            c.admin_tokens.clone().unwrap_or_default(),
+        );
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let readiness = Readiness::new().broker(&self.publisher).store(self.store.pool());
         let health_names = [recheck_proto::v1::admin_server::SERVICE_NAME];
@@ -144,7 +151,7 @@ impl App {
             reconciler.run(checks, shutdown.clone()),
             ingest.run(confirms, shutdown.clone()),
             purge(&self.store, c.retention, c.purge_interval, &shutdown),
-            self.ops.serve(readiness.clone(), shutdown.clone()),
+            self.ops.routes(dashboard.router()).serve(readiness.clone(), shutdown.clone()),
             report_health(readiness, health_reporter, &health_names, shutdown.clone()),
             status_gauge(&self.store, &shutdown),
         );

@@ -12,6 +12,7 @@
 //! - [`breaker`]: per-producer circuit breaker, so a failing hook is backed off as a whole.
 //! - [`registry`]: producer name → hook endpoint (and bearer token).
 //! - [`admin`]: the `recheck.v1.Admin` gRPC service; [`cli`]: the `admin` subcommand over it.
+//! - [`dashboard`]: the web dashboard and its JSON API, on the ops port (same tokens as `Admin`).
 
 pub mod admin;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod backlog;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod ingest;
 pub mod reconcile;
 pub mod registry;

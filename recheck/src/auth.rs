@@ -2,7 +2,8 @@
 //! A tonic interceptor compares `authorization: Bearer <token>` with the configured tokens in
 //! constant time (several tokens let a token be rotated without downtime). Missing or wrong →
 //! `UNAUTHENTICATED`; the callback service counts that as a failing hook (retry, circuit breaker,
-//! `failed("producer unreachable")` after the deadline), never as `NOT_FOUND`.
+//! `failed("producer unreachable")` after the deadline), never as `NOT_FOUND`. The callback
+//! service's web dashboard checks the same tokens with [`BearerAuth::accepts`].
 
 use std::sync::Arc;
 
@@ -45,14 +46,24 @@ impl BearerAuth {
         let presented = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        if self.accepts(presented) { Ok(()) } else { Err(Status::unauthenticated("invalid bearer token")) }
+    }
+
+    /// Whether `presented` is one of the tokens (always, when authentication is off), compared in
+    /// constant time. The one comparison every transport uses: gRPC metadata here, the callback
+    /// service's dashboard for its HTTP `Authorization` header and session cookie.
+    pub fn accepts(&self, presented: &str) -> bool {
+        if !self.enabled() {
+            return true;
+        }
         // Every token is compared, so the time taken does not tell which one nearly matched.
         let matched = self
             .tokens
             .iter()
             .fold(subtle::Choice::from(0), |acc, t| acc | t.as_bytes().ct_eq(presented.as_bytes()));
-        if bool::from(matched) { Ok(()) } else { Err(Status::unauthenticated("invalid bearer token")) }
+        bool::from(matched)
     }
 }
 
@@ -93,6 +104,11 @@ pub fn bearer_value(token: &str) -> Result<AsciiMetadataValue, InvalidMetadataVa
     let mut value = AsciiMetadataValue::try_from(format!("Bearer {token}"))?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+/// The token of an `authorization` header value `Bearer <token>` (gRPC metadata or HTTP).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    value.strip_prefix("Bearer ")
 }
 
 /// A client with [`AttachToken`] on every call.
@@ -141,6 +157,12 @@ mod tests {
             let err = auth.check(&with(bad)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
+        assert!(auth.accepts("new"));
+        for bad in ["", "ne", "newer", "Bearer new"] {
+            assert!(!auth.accepts(bad), "{bad:?}");
+        }
+        assert_eq!(bearer_token("Bearer t0k"), Some("t0k"));
+        assert_eq!(bearer_token("bearer t0k"), None);
     }
 
     #[test]
@@ -148,6 +170,7 @@ mod tests {
         let off = BearerAuth::new([String::new()]);
         assert!(!off.enabled());
         assert!(off.check(&with(None)).is_ok());
+        assert!(off.accepts(""));
         let on = BearerAuth::new(parse_tokens("s3cr3t, other"));
         assert!(!format!("{on:?}").contains("s3cr3t"));
         assert!(format!("{on:?}").contains("2 redacted"));

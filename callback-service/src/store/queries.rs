@@ -1,5 +1,7 @@
 //! What operators read and change: one message with its confirms and history,
-//! lists by status, redrive, stats, and retention.
+//! lists by status (with the latest reason), redrive, stats and throughput, and retention.
+
+use std::collections::HashMap;
 
 use recheck::message::{Outcome, now_ms};
 
@@ -146,6 +148,55 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?;
         Ok((u64::try_from(confirms).unwrap_or(0), u64::try_from(resends).unwrap_or(0)))
+    }
+
+    /// Confirms received and resends made per `bucket_ms` bucket from `since_ms` on, oldest
+    /// first: `(bucket start, confirms, resends)`, empty buckets left out.
+    pub async fn throughput(&self, since_ms: i64, bucket_ms: i64) -> Result<Vec<(i64, u64, u64)>> {
+        let bucket_ms = bucket_ms.max(1);
+        let confirms: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT received_at / $1, COUNT(*) FROM confirms WHERE received_at >= $2 GROUP BY 1",
+        )
+        .bind(bucket_ms)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let resends: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT at / $1, COUNT(*) FROM history WHERE to_status = 'resent' AND at >= $2 GROUP BY 1",
+        )
+        .bind(bucket_ms)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut buckets = std::collections::BTreeMap::<i64, (u64, u64)>::new();
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        for (bucket, count) in confirms {
+            buckets.entry(bucket).or_default().0 += n(count);
+        }
+        for (bucket, count) in resends {
+            buckets.entry(bucket).or_default().1 += n(count);
+        }
+        Ok(buckets.into_iter().map(|(b, (c, r))| (b * bucket_ms, c, r)).collect())
+    }
+
+    /// The reason of each message's latest history row (why it is where it is: a failure's
+    /// cause, a rejection's detail), for the given ids.
+    pub async fn latest_reasons(&self, message_ids: &[&str]) -> Result<HashMap<String, String>> {
+        if message_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let binds = (1..=message_ids.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        // Only the `$n` placeholders are formatted in; the ids are bound.
+        let sql = format!(
+            "SELECT message_id, reason FROM history WHERE id IN
+             (SELECT MAX(id) FROM history WHERE message_id IN ({binds}) GROUP BY message_id)"
+        );
+        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        for id in message_ids {
+            query = query.bind(*id);
+        }
+        let rows: Vec<(String, String)> = query.fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Deletes terminal messages (with their confirms and history) not touched

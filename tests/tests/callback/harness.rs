@@ -127,6 +127,8 @@ pub struct Env {
     pub consumer_db: AnyPool,
     /// gRPC (`Admin`) address of each callback service instance started.
     pub admin_addrs: Vec<std::net::SocketAddr>,
+    /// Ops HTTP address (`/metrics`, health, the dashboard) of each instance started.
+    pub ops_addrs: Vec<std::net::SocketAddr>,
     stop: CancellationToken,
     consumer_stop: Option<CancellationToken>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -179,6 +181,7 @@ impl Env {
             database_url: database_url.to_owned(),
             consumer_db: consumer_db().await,
             admin_addrs: Vec::new(),
+            ops_addrs: Vec::new(),
             stop,
             consumer_stop: None,
             tasks: Vec::new(),
@@ -204,6 +207,7 @@ impl Env {
         tune(&mut config);
         let app = callback_service::build(config).await.unwrap();
         self.admin_addrs.push(app.grpc_addr());
+        self.ops_addrs.push(app.ops_addr());
         let stop = self.stop.clone();
         self.tasks.push(tokio::spawn(async move { app.run(stop).await.unwrap() }));
     }
