@@ -67,6 +67,7 @@ impl App {
         let mut consumer = ConsumerConfig::new(&c.store.consumer, &c.queue);
         consumer.prefetch = c.prefetch;
         consumer.batch_size = usize::from(c.batch_size);
+        consumer.max_body_bytes = Some(c.max_body_bytes);
         let confirmer = Confirmer::signed(
             self.publisher.clone(),
             self.topology.clone(),

@@ -28,8 +28,8 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Points store and inbox: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://downstream-demo.db?mode=rwc")]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = "sqlite://downstream-demo.db?mode=rwc")]
+    pub database_url: recheck::SecretUrl,
 
     /// Consumer name, written into each CONFIRM and matched against a check's `expect`.
     #[arg(long, env = "RECHECK_CONSUMER", default_value = "points")]
@@ -65,6 +65,10 @@ pub struct Config {
 
     #[command(flatten)]
     pub faults: FaultArgs,
+
+    /// Largest business message body processed, in bytes; larger ones are parked with a reason.
+    #[arg(long, env = "RECHECK_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
 
     /// Key this consumer signs its CONFIRMs with (HMAC-SHA256, ≥ 16 bytes): the callback
     /// service's `RECHECK_CONFIRM_KEYS` entry for this consumer. Unset: CONFIRMs are unsigned.
