@@ -353,19 +353,16 @@ impl Publisher {
 /// a stale connection that recovers would replay its channels and consumers, and deliveries
 /// to a consumer nobody reads stay unacked for as long as the process lives.
 fn retire(old: Arc<Link>) {
-    // lapin's default recovery gives up after 16 attempts, backoff capped at 60 s.
+    // lapin's default recovery gives up after 16 attempts, backoff capped at 60 s. The whole
+    // window, not until a first close or error: lapin's state is no reliable end of recovery.
     const WATCH: Duration = Duration::from_secs(20 * 60);
     tokio::spawn(async move {
         let until = Instant::now() + WATCH;
-        loop {
+        while Instant::now() < until {
             let status = old.connection.status();
             if status.connected() {
                 // Closing may itself hang on a half-dead connection: bounded.
                 let _ = timeout(Duration::from_secs(5), old.connection.close(200, "replaced".into())).await;
-                return;
-            }
-            if status.errored() || status.closed() || Instant::now() >= until {
-                return;
             }
             sleep(Duration::from_secs(1)).await;
         }

@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # fn f(upstream: std::net::SocketAddr) -> anyhow::Result<()> {
-//! let proxy = recheck_tests::proxy::FaultProxy::start(upstream)?;
+//! let proxy = recheck_tests::proxy::FaultProxy::start(upstream)?; // or start_for(url)
 //! let url = proxy.url_for("amqp://guest:guest@127.0.0.1:5672/%2f"); // through the proxy
 //! proxy.stall(); // bytes stop, sockets stay open: a black hole
 //! proxy.resume();
@@ -45,6 +45,7 @@ struct Shared {
     stalled: watch::Sender<bool>,
     refusing: AtomicBool,
     live: AtomicUsize,
+    forwarded: AtomicUsize,
 }
 
 impl FaultProxy {
@@ -58,6 +59,7 @@ impl FaultProxy {
             stalled: watch::Sender::new(false),
             refusing: AtomicBool::new(false),
             live: AtomicUsize::new(0),
+            forwarded: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -83,6 +85,18 @@ impl FaultProxy {
         Ok(Self { addr, upstream, shared, stop, thread: Some(thread) })
     }
 
+    /// A proxy in front of the host and port `url` names (`amqp://…` defaults to 5672,
+    /// `http://…` to 80); clients then use [`url_for`](Self::url_for)`(url)`.
+    pub fn start_for(url: &str) -> Result<Self> {
+        let default_port = if url.starts_with("http://") { 80 } else { 5672 };
+        let host_port = urls::host_port(url, default_port);
+        let upstream = std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+            .with_context(|| format!("resolving {host_port}"))?
+            .next()
+            .with_context(|| format!("{host_port} resolves to no address"))?;
+        Self::start(upstream)
+    }
+
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -102,6 +116,11 @@ impl FaultProxy {
     /// Connections open through the proxy right now.
     pub fn connections(&self) -> usize {
         self.shared.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted and forwarded (not refused) since the start.
+    pub fn forwarded(&self) -> usize {
+        self.shared.forwarded.load(Ordering::SeqCst)
     }
 
     /// Resets every live connection on both sides now; new connections are still accepted.
@@ -164,6 +183,7 @@ async fn accept_loop(
         }
         let cut = shared.cut.lock().expect("cut lock").clone();
         shared.live.fetch_add(1, Ordering::SeqCst);
+        shared.forwarded.fetch_add(1, Ordering::SeqCst);
         let shared = shared.clone();
         tokio::spawn(async move {
             let _live = LiveGuard(&shared.live);

@@ -147,3 +147,86 @@ async fn dropping_the_proxy_closes_everything() {
     assert!(closed(&mut live).await);
     assert!(TcpStream::connect(addr).await.is_err(), "the port must no longer listen");
 }
+
+/// The SDK through the proxy: the broker is unreachable long enough for the publisher to replace
+/// its connection, then lapin's own recovery of the old one succeeds too. That revived connection
+/// (with a replayed consumer holding deliveries nobody reads) must be closed, not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_connection_that_comes_back_is_closed() {
+    use recheck::{Publisher, PublisherConfig, Subscription, SubscriptionConfig};
+    use tokio_util::sync::CancellationToken;
+
+    recheck_tests::init_tracing();
+    let vhost = recheck_tests::kit().await.rabbit.fresh_vhost().await.unwrap();
+    let proxy = FaultProxy::start_for(&vhost.url).unwrap();
+    let mut config = PublisherConfig::new(proxy.url_for(&vhost.url), "revived-test");
+    config.recovery_timeout = Duration::from_secs(1);
+    let publisher = Publisher::connect(config).await.unwrap();
+    let channel = publisher.create_channel().await.unwrap();
+    channel
+        .queue_declare("revived".into(), lapin::options::QueueDeclareOptions::default(), Default::default())
+        .await
+        .unwrap();
+    let subscription_config = SubscriptionConfig {
+        queue: "revived".into(),
+        tag: "revived-test".into(),
+        prefetch: 10,
+        batch_size: 10,
+        batch_linger: Duration::from_millis(5),
+    };
+    let mut subscription = Subscription::new(publisher.clone(), subscription_config).await.unwrap();
+    let shutdown = CancellationToken::new();
+    // The subscription notices the loss and drives the publisher's reconnect.
+    let consumer = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { while subscription.next_batch(&shutdown).await.is_some() {} }
+    });
+    await_connections(&proxy, 1).await;
+
+    proxy.refuse(true);
+    proxy.cut();
+    // Down for longer than the recovery timeout: the publisher gives up on lapin's recovery.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = proxy.forwarded();
+    proxy.refuse(false);
+    within(Duration::from_secs(10), "the publisher to replace its connection", || publisher.generation() > 0)
+        .await;
+    // lapin retries the old connection with backoff (1 s, 2 s, 4 s, …): it may come back, as a
+    // second connection through the proxy.
+    let revived = tokio::time::timeout(Duration::from_secs(10), async {
+        while proxy.forwarded() < before + 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .is_ok();
+    eprintln!("the old connection came back: {revived}");
+    // The broker's view (lapin may keep a closed connection's socket a while, so not the proxy's):
+    // one connection in the vhost, one consumer on the queue.
+    let rabbit = &recheck_tests::kit().await.rabbit;
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let connections = rabbit.ctl(&["list_connections", "-q", "vhost"]).await.unwrap();
+        let connections = connections.lines().filter(|line| line.trim() == vhost.name).count();
+        let consumers = rabbit.ctl(&["list_consumers", "-q", "-p", &vhost.name]).await.unwrap();
+        let consumers = consumers.lines().filter(|line| line.starts_with("revived\t")).count();
+        if (connections, consumers) == (1, 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{connections} connections and {consumers} consumers left (revived: {revived})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    shutdown.cancel();
+    consumer.await.unwrap();
+}
+
+async fn within(limit: Duration, what: &str, done: impl Fn() -> bool) {
+    let until = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < until, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
