@@ -10,11 +10,11 @@ use recheck::{
     message::now_ms,
     ops::{OpsServer, Readiness, report_health},
     telemetry,
+    tls::ServerTls,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 
 use crate::{
     Config,
@@ -39,11 +39,13 @@ pub struct App {
     registry: Arc<ProducerRegistry>,
     listener: TcpListener,
     grpc_addr: SocketAddr,
+    tls: Option<ServerTls>,
     ops: OpsServer,
 }
 
 pub async fn build(config: Config) -> anyhow::Result<App> {
     let registry = Arc::new(ProducerRegistry::from_config(&config).context("reading the producer registry")?);
+    let tls = config.tls.load().context("loading the gRPC server's TLS certificate")?;
     let store = Arc::new(Store::connect(&config.database_url).await.context("opening the store")?);
     let publisher = config.broker.connect("callback-service").await.context("connecting to RabbitMQ")?;
 
@@ -51,7 +53,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let ops = config.ops.bind().await.with_context(|| format!("binding {}", config.ops.ops_addr))?;
-    Ok(App { config, store, publisher, registry, listener, grpc_addr, ops })
+    Ok(App { config, store, publisher, registry, listener, grpc_addr, tls, ops })
 }
 
 impl App {
@@ -104,8 +106,8 @@ impl App {
             topology: topology.clone(),
             limits: c.limits(),
             counters: Arc::new(IngestCounters::default()),
-        };
             keys: c.confirm_keys.clone().unwrap_or_default(),
+        };
         let checks = SubscriptionConfig {
             queue: topology.checks_queue(),
             tag: "callback-checks".into(),
@@ -137,9 +139,9 @@ impl App {
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let readiness = Readiness::new().broker(&self.publisher).store(self.store.pool());
         let health_names = [recheck_proto::v1::admin_server::SERVICE_NAME];
-        tracing::info!(grpc_addr = %self.grpc_addr, producers = self.registry.len(), "callback service started");
+        tracing::info!(grpc_addr = %self.grpc_addr, tls = ?self.tls, producers = self.registry.len(), "callback service started");
 
-        let grpc = Server::builder()
+        let grpc = recheck::tls::server(self.tls.as_ref())?
             .add_service(health)
             .add_service(admin.into_server(c.admin_tokens.clone().unwrap_or_default()))
             .serve_with_incoming_shutdown(

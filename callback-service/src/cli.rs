@@ -11,7 +11,7 @@ use recheck_proto::v1::{
     GetMessageRequest, GetMessageResponse, ListMessagesRequest, Message, MessageStatus, RedriveRequest,
     RedriveResponse, StatsRequest, StatsResponse, admin_client::AdminClient,
 };
-use tonic::{Status, transport::Endpoint};
+use tonic::Status;
 
 use crate::Config;
 
@@ -46,6 +46,9 @@ pub struct AdminCommand {
     /// Bearer token for the Admin API (one of the service's `RECHECK_ADMIN_TOKENS`).
     #[arg(long, env = "RECHECK_ADMIN_TOKEN", hide_env_values = true, value_parser = recheck::auth::parse_attach)]
     pub token: Option<recheck::auth::AttachToken>,
+    /// TLS for an `https://` address.
+    #[command(flatten)]
+    pub tls: recheck::tls::ClientTlsArgs,
     #[command(subcommand)]
     pub action: AdminAction,
 }
@@ -81,7 +84,10 @@ fn status_parser() -> impl clap::builder::TypedValueParser<Value = crate::store:
 
 /// Runs one admin command and prints its output; a server error becomes `Err("Code: message")`.
 pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(cmd.addr.clone())
+    let channel = cmd
+        .tls
+        .load()?
+        .endpoint(&cmd.addr)
         .with_context(|| format!("invalid address {:?}", cmd.addr))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))

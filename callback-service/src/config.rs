@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use recheck::{Topology, message::Limits, topology::parse_duration};
+use recheck::{SecretUrl, Topology, message::Limits, topology::parse_duration};
 
 use crate::{breaker::BreakerConfig, registry::ProducerEntry};
 
@@ -17,12 +17,20 @@ pub struct Config {
     pub broker: recheck::service::BrokerArgs,
 
     /// Store: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://callback-service.db?mode=rwc")]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = "sqlite://callback-service.db?mode=rwc")]
+    pub database_url: SecretUrl,
 
     /// Address of the gRPC listener (`Admin`, health); port 0 picks a free port.
     #[arg(long, env = "RECHECK_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+
+    /// TLS of the gRPC listener.
+    #[command(flatten)]
+    pub tls: recheck::tls::ServerTlsArgs,
+
+    /// TLS of the calls to producers' `https://` hooks.
+    #[command(flatten)]
+    pub hook_tls: recheck::tls::ClientTlsArgs,
 
     #[command(flatten)]
     pub ops: recheck::ops::OpsArgs,
@@ -34,7 +42,7 @@ pub struct Config {
     /// Producers' resend hooks, comma-separated `NAME=URL` or `NAME=URL TOKEN` entries
     /// (e.g. `orders=http://127.0.0.1:50061,billing=http://billing:50061 s3cr3t`); a TOKEN is
     /// sent as `authorization: Bearer TOKEN`. Prefer `--producers-file` for tokens.
-    #[arg(long, env = "RECHECK_PRODUCERS", value_delimiter = ',', value_parser = parse_producer)]
+    #[arg(long, env = "RECHECK_PRODUCERS", hide_env_values = true, value_delimiter = ',', value_parser = parse_producer)]
     pub producers: Vec<ProducerEntry>,
 
     /// File of producer entries, same `NAME=URL [TOKEN]` syntax, one per line; blank lines and
@@ -144,8 +152,8 @@ impl Config {
     /// (clap reads them), so a test process should not set `RECHECK_*`.
     pub fn for_tests(amqp_url: impl Into<String>, database_url: impl Into<String>) -> Config {
         let mut config = Config::parse_from(["callback-service"]);
-        config.broker.amqp_url = amqp_url.into();
-        config.database_url = database_url.into();
+        config.broker.amqp_url = SecretUrl::new(amqp_url);
+        config.database_url = SecretUrl::new(database_url);
         config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.ops.ops_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config

@@ -8,11 +8,14 @@
 //! NAME=URL TOKEN     billing=http://billing:50061 s3cr3t   (sent as `authorization: Bearer s3cr3t`)
 //! ```
 //!
-//! `NAME` is the producer name written in CHECKs; `URL` is `http://host:port` (this build has
-//! no TLS); `TOKEN` is separated by whitespace and may not contain whitespace or commas.
+//! `NAME` is the producer name written in CHECKs; `URL` is `http://host:port`, or
+//! `https://host:port` for TLS (trusting `RECHECK_TLS_CA`, else the webpki roots; with
+//! `RECHECK_TLS_CLIENT_CERT` for hooks that require a client certificate); `TOKEN` is separated
+//! by whitespace and may not contain whitespace or commas.
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr, time::Duration};
 
+use recheck::tls::ClientTls;
 use recheck_proto::v1::{ResendRequest, ResendResponse, resend_hook_client::ResendHookClient};
 use tonic::{
     Status,
@@ -58,11 +61,8 @@ impl FromStr for ProducerEntry {
         if parts.next().is_some() {
             return Err(malformed("expected NAME=URL [TOKEN]; found more than one TOKEN"));
         }
-        if url.starts_with("https://") {
-            return Err(malformed("https is not supported by this build; use http://"));
-        }
-        if !url.starts_with("http://") {
-            return Err(malformed("the URL must start with http://"));
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(malformed("the URL must start with http:// or https://"));
         }
         if let Err(e) = Endpoint::from_shared(url.to_owned()) {
             return Err(malformed(&format!("invalid URL: {e}")));
@@ -87,6 +87,8 @@ pub enum RegistryError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("producer {0:?} is configured more than once")]
     Duplicate(String),
+    #[error("hook TLS: {0}")]
+    Tls(#[from] recheck::tls::TlsError),
 }
 
 /// Parses a producers file's text (see the module docs); `path` only labels errors.
@@ -125,22 +127,26 @@ impl ProducerRegistry {
             entries = parse_producers_file(&text, path)?;
         }
         entries.extend(config.producers.iter().cloned());
-        Self::from_entries(entries, config.rpc_timeout, config.max_rpcs_per_producer)
+        let tls = config.hook_tls.load()?;
+        Self::from_entries(entries, config.rpc_timeout, config.max_rpcs_per_producer, &tls)
     }
 
     /// One client per entry: `connect_timeout` bounds connecting, `max_rpcs` the concurrent
-    /// RPCs to one producer (more wait for a slot). Must run inside a Tokio runtime.
+    /// RPCs to one producer (more wait for a slot), `tls` applies to `https://` hooks. Must run
+    /// inside a Tokio runtime.
     pub fn from_entries(
         entries: impl IntoIterator<Item = ProducerEntry>,
         connect_timeout: Duration,
         max_rpcs: usize,
+        tls: &ClientTls,
     ) -> Result<Self, RegistryError> {
         let mut clients = BTreeMap::new();
         for entry in entries {
             if clients.contains_key(&entry.name) {
                 return Err(RegistryError::Duplicate(entry.name));
             }
-            let endpoint = Endpoint::from_shared(entry.url.clone())
+            let endpoint = tls
+                .endpoint(&entry.url)
                 .map_err(|e| RegistryError::Malformed { entry: entry.url.clone(), reason: e.to_string() })?
                 .connect_timeout(connect_timeout)
                 .concurrency_limit(max_rpcs.max(1));
@@ -286,7 +292,7 @@ mod tests {
             ("=http://h:1", "name"),
             ("orders=", "URL is missing"),
             ("orders=127.0.0.1:50061", "http://"),
-            ("orders=https://h:1", "https"),
+            ("orders=ftp://h:1", "https://"),
             ("orders=http://h:1 tok extra", "more than one TOKEN"),
             ("orders=http://h:1 tök", "printable ASCII"),
         ] {
@@ -372,6 +378,7 @@ mod tests {
             4,
         )
         .unwrap();
+            &ClientTls::default(),
         let req = ResendRequest { message_id: "m".into(), producer: "fast".into(), ..Default::default() };
 
         let r = registry.client("fast").unwrap().resend(req.clone(), Duration::from_secs(5)).await.unwrap();

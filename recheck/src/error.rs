@@ -21,11 +21,27 @@ pub enum Error {
     Decode(#[from] crate::message::DecodeError),
     #[error("encode: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("the SDK is shutting down")]
     Closed,
     /// One failure shared by every caller of a group-committed batch.
     #[error("{0}")]
     Batch(Arc<Error>),
+}
+
+impl Error {
+    /// The AMQP reply code of a broker refusal (403 ACCESS_REFUSED, 404 NOT_FOUND, …).
+    pub fn amqp_code(&self) -> Option<u16> {
+        match self {
+            Error::Amqp(e) => match e.kind() {
+                lapin::ErrorKind::ProtocolError(error) => Some(error.get_id()),
+                _ => None,
+            },
+            Error::Batch(e) => e.amqp_code(),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -19,6 +19,9 @@
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
 //! - [`telemetry`]: the metric catalog (names, labels, help) every component records by.
+//! - [`secret`]: `SecretUrl` (URLs that may hold passwords print redacted) and `redact_url`.
+//! - [`tls`]: rustls for the gRPC servers and clients and `amqps://`, from PEM files (clap
+//!   arguments with feature `service`).
 //! - `ops` (feature `service`): the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and gRPC
 //!   health, both from one set of readiness checks.
 
@@ -36,12 +39,14 @@ pub mod ops;
 pub mod parking;
 pub mod producer;
 pub mod publisher;
+pub mod secret;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod shutdown;
 pub mod signing;
 pub mod subscription;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 
 pub use auth::BearerAuth;
@@ -53,5 +58,6 @@ pub use hook::{Lookup, ResendHookService, ResendSource};
 pub use inbox::Inbox;
 pub use producer::{Event, Prepared, Producer, ProducerConfig};
 pub use publisher::{Outgoing, Publisher, PublisherConfig};
+pub use secret::SecretUrl;
 pub use subscription::{Subscription, SubscriptionConfig};
 pub use topology::Topology;

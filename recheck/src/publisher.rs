@@ -23,6 +23,8 @@ use lapin::{
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 
+use crate::secret::{SecretUrl, redact_url};
+use crate::tls::AmqpTls;
 use crate::{Error, Result, telemetry};
 
 /// How a [`Publisher`] connects and how long it keeps trying.
@@ -30,7 +32,7 @@ use crate::{Error, Result, telemetry};
 pub struct PublisherConfig {
     /// Broker URLs (the vhost is the URL-encoded path): one, or one per cluster node, tried in
     /// turn. Never logged with their passwords.
-    pub amqp_urls: Vec<String>,
+    pub amqp_urls: Vec<SecretUrl>,
     /// Shown in the broker's connection list.
     pub connection_name: String,
     /// Channels publishes are spread over (each with confirms on).
@@ -43,17 +45,19 @@ pub struct PublisherConfig {
     pub recovery_timeout: Duration,
     /// With several URLs, the longest one may take to connect before the next is tried.
     pub connect_timeout: Duration,
+    /// TLS for `amqps://` URLs (ignored for `amqp://`).
+    pub tls: AmqpTls,
 }
 
 impl PublisherConfig {
     /// One broker.
-    pub fn new(amqp_url: impl Into<String>, connection_name: impl Into<String>) -> Self {
+    pub fn new(amqp_url: impl Into<SecretUrl>, connection_name: impl Into<String>) -> Self {
         Self::with_urls([amqp_url], connection_name)
     }
 
     /// Several brokers, e.g. every node of a cluster; the first one is tried first.
     pub fn with_urls(
-        amqp_urls: impl IntoIterator<Item = impl Into<String>>,
+        amqp_urls: impl IntoIterator<Item = impl Into<SecretUrl>>,
         connection_name: impl Into<String>,
     ) -> Self {
         Self {
@@ -64,6 +68,7 @@ impl PublisherConfig {
             publish_timeout: Duration::from_secs(60),
             recovery_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
+            tls: AmqpTls::default(),
         }
     }
 }
@@ -71,29 +76,6 @@ impl PublisherConfig {
 /// Splits a comma-separated list of broker URLs (`RECHECK_AMQP_URL`), ignoring blanks.
 pub fn split_urls(list: &str) -> Vec<String> {
     list.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect()
-}
-
-/// The URL with its password replaced by `***`, for logs.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
-                None => url.to_owned(),
-            }
-        }
-        // An `@` after the first `/`: a password holding a raw `/`? Hide all of it to be safe.
-        None if rest.contains('@') => {
-            format!("{}***{}", &url[..scheme_end], &rest[rest.rfind('@').expect("contains @")..])
-        }
-        None => url.to_owned(),
-    }
 }
 
 /// One message to publish: always persistent and mandatory.
@@ -141,7 +123,17 @@ impl std::fmt::Debug for Publisher {
 
 /// Connects with lapin auto-recover on; every component uses this one way in.
 pub async fn connect(amqp_url: &str, connection_name: &str) -> Result<Connection> {
-    Ok(Connection::connect(amqp_url, properties(connection_name)).await?)
+    connect_with_tls(amqp_url, connection_name, &AmqpTls::default()).await
+}
+
+/// [`connect`], with `tls` for an `amqps://` URL.
+pub async fn connect_with_tls(amqp_url: &str, connection_name: &str, tls: &AmqpTls) -> Result<Connection> {
+    connect_with(amqp_url, properties(connection_name), tls).await
+}
+
+async fn connect_with(amqp_url: &str, props: ConnectionProperties, tls: &AmqpTls) -> Result<Connection> {
+    let runtime = lapin::runtime::default_runtime()?;
+    Ok(Connection::connect_with_config(amqp_url, props, tls.lapin(), runtime).await?)
 }
 
 fn properties(connection_name: &str) -> ConnectionProperties {
@@ -421,10 +413,10 @@ impl Link {
         let mut last_error = None;
         for address in (start..start + count).map(|i| i % count) {
             // An empty list fails in lapin's URL parser, with its message.
-            let url = urls.get(address).map_or("", String::as_str);
+            let url = urls.get(address).map_or("", SecretUrl::expose);
             match Self::connect_one(config, url).await {
                 Ok(connection) => {
-                    tracing::info!(broker = %redact(url), generation, "connected to RabbitMQ");
+                    tracing::info!(broker = %redact_url(url), generation, "connected to RabbitMQ");
                     let mut channels = Vec::with_capacity(config.channels.max(1));
                     for _ in 0..config.channels.max(1) {
                         channels.push(Mutex::new(confirm_channel(&connection).await?));
@@ -434,7 +426,7 @@ impl Link {
                 }
                 Err(e) => {
                     if count > 1 {
-                        tracing::warn!(broker = %redact(url), error = %e, "broker unavailable, trying the next");
+                        tracing::warn!(broker = %redact_url(url), error = %e, "broker unavailable, trying the next");
                     }
                     last_error = Some(e);
                 }
@@ -448,10 +440,10 @@ impl Link {
     /// and a black-holed one is given up after `connect_timeout`.
     async fn connect_one(config: &PublisherConfig, url: &str) -> Result<Connection> {
         if config.amqp_urls.len() <= 1 {
-            return connect(url, &config.connection_name).await;
+            return connect_with_tls(url, &config.connection_name, &config.tls).await;
         }
         let props = properties(&config.connection_name).configure_backoff(|b| b.with_max_times(2));
-        match timeout(config.connect_timeout, Connection::connect(url, props)).await {
+        match timeout(config.connect_timeout, connect_with(url, props, &config.tls)).await {
             Ok(connection) => Ok(connection?),
             Err(_) => Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut)).into()),
         }
@@ -482,18 +474,6 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(redact("amqp://guest:secret@10.0.0.1:5672/%2f"), "amqp://guest:***@10.0.0.1:5672/%2f");
-        assert_eq!(redact("amqp://u:p@ss@h:1/v?heartbeat=5"), "amqp://u:***@h:1/v?heartbeat=5");
-        assert_eq!(redact("amqp://guest@h:5672/v"), "amqp://guest@h:5672/v");
-        assert_eq!(redact("amqp://h:5672/v"), "amqp://h:5672/v");
-        // A raw `/` in a password or a raw `@` in a vhost: ambiguous, so hide the whole prefix.
-        assert_eq!(redact("amqp://u:a/b@h:1/v"), "amqp://***@h:1/v");
-        assert_eq!(redact("amqp://h:5672/a@b"), "amqp://***@b");
-        assert_eq!(redact("not a url"), "not a url");
-    }
 
     #[test]
     fn splits_url_lists() {

@@ -1,18 +1,35 @@
 //! What every Recheck service binary shares (feature `service`): the broker
 //! settings as clap arguments, and connecting + declaring the topology.
+//!
+//! A service whose broker user may not declare the shared topology (a producer's or a
+//! consumer's least-privilege user, see `compose/rabbitmq-definitions.json`) is refused
+//! (ACCESS_REFUSED) and waits instead until the topology exists: the callback service, which
+//! owns it, declares it.
 
 use std::time::Duration;
 
-use crate::publisher::{redact, split_urls};
-use crate::{Publisher, PublisherConfig, Result, Topology, topology::parse_tiers};
+use tokio::time::{Instant, sleep};
+
+use crate::publisher::split_urls;
+use crate::{
+    Publisher, PublisherConfig, Result, SecretUrl, Topology, tls::AmqpTlsArgs, topology::parse_tiers,
+};
+
+/// How long a service that may not declare the topology waits for it to appear.
+pub const TOPOLOGY_WAIT: Duration = Duration::from_secs(120);
 
 /// The broker settings of a service; `#[command(flatten)]` them into its config.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL (the vhost is the URL-encoded path); for a cluster, one URL per node,
     /// comma-separated: a lost connection is replaced by one to the next node.
-    #[arg(long, env = "RECHECK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
+    #[arg(
+        long,
+        env = "RECHECK_AMQP_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: SecretUrl,
 
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "RECHECK_PREFIX", default_value = "recheck")]
@@ -22,6 +39,9 @@ pub struct BrokerArgs {
     #[arg(long, env = "RECHECK_DELAY_TIERS", default_value = "5s,30s,2m,10m,1h", value_parser = parse_tiers)]
     // The full path keeps clap from treating the field as a list of single values.
     pub delay_tiers: ::std::vec::Vec<Duration>,
+
+    #[command(flatten)]
+    pub tls: AmqpTlsArgs,
 }
 
 impl BrokerArgs {
@@ -34,16 +54,57 @@ impl BrokerArgs {
         split_urls(&self.amqp_url)
     }
 
-    /// Connects a publisher named `name` and declares the whole topology.
+    /// The publisher settings: every URL, and TLS for `amqps://` ones.
+    pub fn publisher_config(&self, name: &str) -> Result<PublisherConfig> {
+        let mut config = PublisherConfig::with_urls(self.amqp_urls(), name);
+        config.tls = self.tls.load()?;
+        Ok(config)
+    }
+
+    /// Connects a publisher named `name` and declares the whole topology (or, refused the
+    /// permission, waits until it exists).
     pub async fn connect(&self, name: &str) -> Result<Publisher> {
-        let urls = self.amqp_urls();
+        let config = self.publisher_config(name)?;
         // lapin retries an unreachable broker with backoff (minutes) before it fails.
-        let brokers: Vec<String> = urls.iter().map(|url| redact(url)).collect();
-        tracing::info!(?brokers, "connecting to RabbitMQ");
-        let publisher = Publisher::connect(PublisherConfig::with_urls(urls, name)).await?;
+        tracing::info!(brokers = %self.amqp_url, tls = ?config.tls, "connecting to RabbitMQ");
+        let publisher = Publisher::connect(config).await?;
+        let topology = self.topology();
         let channel = publisher.create_channel().await?;
-        self.topology().declare(&channel).await?;
-        channel.close(200, "topology declared".into()).await?;
+        match topology.declare(&channel).await {
+            Ok(()) => {
+                channel.close(200, "topology declared".into()).await?;
+                return Ok(publisher);
+            }
+            Err(e) if e.amqp_code() == Some(ACCESS_REFUSED) => {
+                tracing::info!(error = %e, "no permission to declare the topology: waiting until it exists");
+            }
+            Err(e) => return Err(e),
+        }
+        await_topology(&publisher, &topology, Instant::now() + TOPOLOGY_WAIT).await?;
         Ok(publisher)
     }
+}
+
+const ACCESS_REFUSED: u16 = 403;
+const NOT_FOUND: u16 = 404;
+
+/// Verifies the topology until it exists (each miss closes the channel: a new one per round).
+async fn await_topology(publisher: &Publisher, topology: &Topology, deadline: Instant) -> Result<()> {
+    for round in 0.. {
+        let channel = publisher.create_channel().await?;
+        match topology.verify(&channel).await {
+            Ok(()) => {
+                channel.close(200, "topology verified".into()).await?;
+                return Ok(());
+            }
+            Err(e) if e.amqp_code() == Some(NOT_FOUND) && Instant::now() < deadline => {
+                if round % 10 == 0 {
+                    tracing::info!(error = %e, "waiting for the topology to be declared (by the callback service)");
+                }
+                sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
 }

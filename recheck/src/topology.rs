@@ -120,6 +120,34 @@ impl Topology {
         Ok(())
     }
 
+    /// Checks that every exchange and queue [`Topology::declare`] declares exists, with passive
+    /// declares (which need no permission): what a service runs whose broker user may not
+    /// declare the shared topology. A missing one fails with NOT_FOUND (404) and closes the
+    /// channel. Bindings cannot be checked this way; the declaring service makes them.
+    pub async fn verify(&self, channel: &Channel) -> Result<()> {
+        let passive = ExchangeDeclareOptions { passive: true, durable: true, ..Default::default() };
+        for exchange in [
+            self.events_exchange(),
+            self.delay_exchange(),
+            self.checks_exchange(),
+            self.confirms_exchange(),
+            self.parking_exchange(),
+        ] {
+            // The kind is not compared on a passive declare.
+            channel
+                .exchange_declare(exchange.into(), ExchangeKind::Direct, passive, FieldTable::default())
+                .await?;
+        }
+        let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+        let tiers = self.tiers.iter().map(|&tier| self.tier_queue(tier));
+        for queue in
+            [self.parking_queue(), self.checks_queue(), self.confirms_queue()].into_iter().chain(tiers)
+        {
+            channel.queue_declare(queue.into(), passive, FieldTable::default()).await?;
+        }
+        Ok(())
+    }
+
     /// A consumer's own queue for business messages: quorum, bound to the events
     /// exchange by the given routing keys, poison messages parked after the limit.
     pub async fn declare_consumer_queue(

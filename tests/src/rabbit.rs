@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use crate::{AMQP_URL_ENV, RABBITMQCTL_ENV, free_port, urls};
 pub use cluster::{ClusterVhost, RabbitCluster};
 use node::{BOOT_DEADLINE, Node};
+pub use node::{NodeOptions, TlsListener};
 
 /// Upper bound for one `rabbitmqctl` call.
 const CTL_DEADLINE: Duration = Duration::from_secs(120);
@@ -31,6 +32,8 @@ const CTL_DEADLINE: Duration = Duration::from_secs(120);
 pub struct Rabbit {
     /// `amqp://user:password@host:port`, without a vhost.
     base_url: String,
+    /// `amqps://user:password@127.0.0.1:port` of a TLS listener, without a vhost.
+    amqps_base_url: Option<String>,
     /// Executable that runs `rabbitmqctl` against this broker; arguments are appended.
     ctl: PathBuf,
     /// Set when this process started the node.
@@ -55,7 +58,8 @@ impl Rabbit {
         match (url, ctl) {
             (None, None) => Ok(None),
             (Some(url), Some(ctl)) => {
-                Ok(Some(Self { base_url: urls::origin(&url).to_owned(), ctl: ctl.into(), server: None }))
+                let base_url = urls::origin(&url).to_owned();
+                Ok(Some(Self { base_url, amqps_base_url: None, ctl: ctl.into(), server: None }))
             }
             _ => bail!(
                 "set both {AMQP_URL_ENV} and {RABBITMQCTL_ENV} (an executable running rabbitmqctl \
@@ -66,21 +70,32 @@ impl Rabbit {
 
     /// Starts a private node and waits until it accepts AMQP connections. Blocking.
     pub fn start_private() -> Result<Self> {
+        Self::start_private_with(&NodeOptions::default())
+    }
+
+    /// [`Rabbit::start_private`] with `options` (e.g. a TLS listener: [`Rabbit::amqps_url`]).
+    pub fn start_private_with(options: &NodeOptions) -> Result<Self> {
         let bin = find_bin().context(crate::INSTALL_HINT)?;
         let name = format!("recheck-test-{}@localhost", std::process::id());
-        let node = Node::create(&bin, name, free_port()?, &new_cookie())?;
+        let node = Node::create_with(&bin, name, free_port()?, &new_cookie(), options)?;
         node.spawn()?;
         if let Err(e) = node.await_boot() {
             let _ = node.stop(Duration::from_secs(30));
             return Err(e);
         }
         tracing::info!(node = %node.name, url = %node.base_url(), dir = %node.dir.display(), "private RabbitMQ up");
-        Ok(Self { base_url: node.base_url(), ctl: node.ctl_path(), server: Some(node) })
+        let amqps_base_url = node.amqps_port.map(|port| format!("amqps://guest:guest@127.0.0.1:{port}"));
+        Ok(Self { base_url: node.base_url(), amqps_base_url, ctl: node.ctl_path(), server: Some(node) })
     }
 
     /// The AMQP URL of `vhost` on this broker.
     pub fn url(&self, vhost: &str) -> String {
         format!("{}/{}", self.base_url, urls::encode_segment(vhost))
+    }
+
+    /// The `amqps://` URL of `vhost` (host 127.0.0.1), if the node has a TLS listener.
+    pub fn amqps_url(&self, vhost: &str) -> Option<String> {
+        Some(format!("{}/{}", self.amqps_base_url.as_ref()?, urls::encode_segment(vhost)))
     }
 
     /// Path of the executable that runs `rabbitmqctl` against this broker.

@@ -7,12 +7,12 @@ use anyhow::Context;
 use recheck::{
     Producer, ProducerConfig, ResendHookService,
     ops::{OpsServer, Readiness, report_health},
+    tls::ServerTls,
 };
 use recheck_proto::demo::v1::orders_server::OrdersServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 
 use crate::{Config, OrdersService, Store, resend::AuditedHook};
 
@@ -23,11 +23,13 @@ pub struct App {
     producer: Producer,
     listener: TcpListener,
     grpc_addr: SocketAddr,
+    tls: Option<ServerTls>,
     ops: OpsServer,
 }
 
 /// Opens the store, connects to RabbitMQ, declares the topology and binds the gRPC listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
+    let tls = config.tls.load().context("loading the gRPC server's TLS certificate")?;
     let store = Store::connect(&config.database_url).await.context("opening the order store")?;
 
     let publisher = config.broker.connect("upstream-demo").await.context("connecting to RabbitMQ")?;
@@ -42,7 +44,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
     let grpc_addr = listener.local_addr()?;
     let ops = config.ops.bind().await.with_context(|| format!("binding {}", config.ops.ops_addr))?;
-    Ok(App { config, store, producer, listener, grpc_addr, ops })
+    Ok(App { config, store, producer, listener, grpc_addr, tls, ops })
 }
 
 impl App {
@@ -85,8 +87,13 @@ impl App {
             tracing::warn!("ResendHook accepts unauthenticated calls: set RECHECK_HOOK_TOKENS in production");
         }
 
-        tracing::info!(grpc_addr = %self.grpc_addr, producer = %self.config.producer_name, "upstream demo started");
-        let grpc = Server::builder()
+        tracing::info!(
+            grpc_addr = %self.grpc_addr,
+            tls = ?self.tls,
+            producer = %self.config.producer_name,
+            "upstream demo started"
+        );
+        let grpc = recheck::tls::server(self.tls.as_ref())?
             .add_service(health)
             .add_service(hook.into_server(auth))
             .add_service(OrdersServer::new(orders))

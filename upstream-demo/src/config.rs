@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use recheck::{Topology, topology::parse_duration};
+use recheck::{SecretUrl, Topology, topology::parse_duration};
 
 /// Settings of `upstream-demo serve` (the default command).
 #[derive(Debug, Clone, Parser)]
@@ -14,12 +14,16 @@ pub struct Config {
     pub broker: recheck::service::BrokerArgs,
 
     /// Order store: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://upstream-demo.db?mode=rwc")]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = "sqlite://upstream-demo.db?mode=rwc")]
+    pub database_url: SecretUrl,
 
     /// Address of the gRPC listener (`Orders`, `ResendHook`, health); port 0 picks a free port.
     #[arg(long, env = "RECHECK_GRPC_ADDR", default_value = "127.0.0.1:50061")]
     pub grpc_addr: SocketAddr,
+
+    /// TLS of the gRPC listener (the callback service then calls `https://…`).
+    #[command(flatten)]
+    pub tls: recheck::tls::ServerTlsArgs,
 
     #[command(flatten)]
     pub ops: recheck::ops::OpsArgs,

@@ -19,12 +19,14 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         broker: recheck::service::BrokerArgs {
-            amqp_url: vhost.url.clone(),
+            amqp_url: vhost.url.clone().into(),
             prefix: "recheck".into(),
             delay_tiers: vec![Duration::from_secs(5), Duration::from_secs(30)],
+            tls: Default::default(),
         },
-        database_url: format!("sqlite://{}?mode=rwc", dir.path().join("orders.db").display()),
+        database_url: format!("sqlite://{}?mode=rwc", dir.path().join("orders.db").display()).into(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls: Default::default(),
         producer_name: "orders".into(),
         check_delay: Duration::from_secs(30),
         grace: Duration::ZERO,

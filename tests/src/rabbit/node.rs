@@ -19,11 +19,30 @@ use crate::watchdog::{self, Spec, Watchdog};
 /// How long a private node may take to boot (2 cores, cold caches: usually ~5 s).
 pub(super) const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
+/// What a private node has besides the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// An `amqps://` listener on a port of its own, besides the plain AMQP one.
+    pub tls: Option<TlsListener>,
+}
+
+/// The TLS listener's PEM files (RabbitMQ's `ssl_options`).
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Clients must present a certificate signed by the CA (`verify_peer`, `fail_if_no_peer_cert`).
+    pub verify_peer: bool,
+}
+
 pub(super) struct Node {
     /// `name@localhost`
     pub name: String,
     pub dir: PathBuf,
     pub amqp_port: u16,
+    /// The TLS listener's port, if it has one.
+    pub amqps_port: Option<u16>,
     epmd_port: u16,
     bin: PathBuf,
     env: Vec<(String, String)>,
@@ -43,15 +62,32 @@ impl Node {
     /// Makes the node's temp dir and files; nothing runs yet. Nodes that are to cluster share the
     /// `cookie` and the `epmd_port`.
     pub fn create(bin: &Path, name: String, epmd_port: u16, cookie: &str) -> Result<Self> {
+        Self::create_with(bin, name, epmd_port, cookie, &NodeOptions::default())
+    }
+
+    /// [`Node::create`] with `options`.
+    pub fn create_with(
+        bin: &Path,
+        name: String,
+        epmd_port: u16,
+        cookie: &str,
+        options: &NodeOptions,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("recheck-rabbit-")
             .tempdir()
             .context("creating a temp dir for RabbitMQ")?
             .keep();
         let (amqp_port, dist_port) = (free_port()?, free_port()?);
+        let amqps_port = options.tls.as_ref().map(|_| free_port()).transpose()?;
         let env = node_env(&dir, &name, amqp_port, dist_port, epmd_port);
-        write_files(&dir, bin, &name, &env, cookie)?;
-        Ok(Self { name, dir, amqp_port, epmd_port, bin: bin.to_owned(), env, runs: Mutex::default() })
+        let mut conf = String::new();
+        if let (Some(tls), Some(port)) = (&options.tls, amqps_port) {
+            conf = tls_conf(tls, port);
+        }
+        write_files(&dir, bin, &name, &env, cookie, &conf)?;
+        let bin = bin.to_owned();
+        Ok(Self { name, dir, amqp_port, amqps_port, epmd_port, bin, env, runs: Mutex::default() })
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>`, without a vhost.
@@ -214,8 +250,29 @@ fn node_env(dir: &Path, node: &str, amqp_port: u16, dist_port: u16, epmd_port: u
     .collect()
 }
 
-/// Config, empty plugin list, cookie and the `rabbitmqctl` wrapper.
-fn write_files(dir: &Path, bin: &Path, node: &str, env: &[(String, String)], cookie: &str) -> Result<()> {
+/// `rabbitmq.conf` lines of a TLS listener on 127.0.0.1:`port` (RabbitMQ 3.10 on Erlang 25 speaks
+/// TLS 1.2 and 1.3).
+fn tls_conf(tls: &TlsListener, port: u16) -> String {
+    let verify = if tls.verify_peer { "verify_peer" } else { "verify_none" };
+    format!(
+        "listeners.ssl.default = 127.0.0.1:{port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+         ssl_options.keyfile = {}\nssl_options.verify = {verify}\nssl_options.fail_if_no_peer_cert = {}\n",
+        tls.ca_file.display(),
+        tls.cert_file.display(),
+        tls.key_file.display(),
+        tls.verify_peer,
+    )
+}
+
+/// Config (plus `extra_conf` lines), empty plugin list, cookie and the `rabbitmqctl` wrapper.
+fn write_files(
+    dir: &Path,
+    bin: &Path,
+    node: &str,
+    env: &[(String, String)],
+    cookie: &str,
+    extra_conf: &str,
+) -> Result<()> {
     let write = |name: &str, text: &str, mode: u32| -> Result<()> {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -227,7 +284,7 @@ fn write_files(dir: &Path, bin: &Path, node: &str, env: &[(String, String)], coo
     // limit so a nearly full /tmp does not raise the disk alarm and block publishers.
     write(
         "rabbitmq.conf",
-        "loopback_users = none\ndisk_free_limit.absolute = 10MB\nlog.console = false\n",
+        &format!("loopback_users = none\ndisk_free_limit.absolute = 10MB\nlog.console = false\n{extra_conf}"),
         0o644,
     )?;
     write("enabled_plugins", "[].\n", 0o644)?;

@@ -19,7 +19,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use recheck::topology::parse_duration;
 use recheck_proto::{demo::v1::orders_client::OrdersClient, v1::admin_client::AdminClient};
-use tonic::transport::Endpoint;
 
 pub use report::Report;
 
@@ -61,10 +60,14 @@ pub struct LoadConfig {
     #[arg(long, env = "RECHECK_ADMIN_TOKEN", hide_env_values = true, value_parser = recheck::auth::parse_attach)]
     pub admin_token: Option<recheck::auth::AttachToken>,
 
+    /// TLS for `https://` addresses (`--addr`, `--admin-addr`).
+    #[command(flatten)]
+    pub tls: recheck::tls::ClientTlsArgs,
+
     /// The consumer's store (`points` table); without it, `lost` is judged from the
     /// callback service's status alone.
-    #[arg(long, env = "RECHECK_POINTS_DATABASE_URL")]
-    pub points_database_url: Option<String>,
+    #[arg(long, env = "RECHECK_POINTS_DATABASE_URL", hide_env_values = true)]
+    pub points_database_url: Option<recheck::SecretUrl>,
 
     /// How long to wait for every message to be terminal (`ms`, `s`, `m`, `h`).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
@@ -95,11 +98,16 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
         "--skip-publish-rate plus --abort-after-check-rate must not exceed 1.0"
     );
     ensure!(config.rate >= 0.0 && config.rate.is_finite(), "--rate must be ≥ 0");
-    let orders = OrdersClient::connect(config.addr.clone())
+    let tls = config.tls.load()?;
+    let orders = tls
+        .endpoint(&config.addr)?
+        .connect()
         .await
         .with_context(|| format!("connecting to the order service at {}", config.addr))?;
+    let orders = OrdersClient::new(orders);
     // Lazy: the callback service may still be starting (or restarting) while orders are created.
-    let admin = Endpoint::from_shared(config.admin_addr.clone())
+    let admin = tls
+        .endpoint(&config.admin_addr)
         .with_context(|| format!("--admin-addr {:?}", config.admin_addr))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10))
