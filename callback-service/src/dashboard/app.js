@@ -108,10 +108,10 @@ function messageRow(m) {
   return el('tr', { 'data-id': m.message_id },
     el('td', { class: 'id' }, open),
     el('td', {}, m.producer || '–'),
-    el('td', { class: 'key', title: m.business_key }, m.business_key || '–'),
+    el('td', { class: 'business-key' }, m.business_key || '–'),
     el('td', { class: 'reason' }, m.reason || m.last_error || '–'),
     el('td', { class: 'num' }, m.resend_count),
-    el('td', {}, time(m.updated_at)),
+    el('td', { class: 'when' }, ...time(m.updated_at).split(' ').map((part) => el('span', {}, part))),
     el('td', {}, redrive));
 }
 
