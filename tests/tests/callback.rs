@@ -240,6 +240,7 @@ async fn duplicated_checks_and_two_instances_resend_each_attempt_once(url: &str)
             attempt: 0,
             published_at: row.published_at.max(now_ms()),
             expect: Some(vec!["points".into()]),
+            traceparent: None,
         };
         recheck::producer::publish_checks(
             &env.publisher,
@@ -340,6 +341,7 @@ async fn an_unknown_producer_fails_visibly(url: &str) {
         attempt: 0,
         published_at: now_ms(),
         expect: None,
+        traceparent: None,
     };
     let batch = CheckBatch::new("ghost", vec![check]);
     recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
@@ -364,6 +366,7 @@ async fn retention_purges_only_old_terminal_rows(url: &str) {
         attempt: 0,
         published_at: now_ms(),
         expect: None,
+        traceparent: None,
     };
     store.record_check("orders", &check).await.unwrap();
     assert_eq!(store.purge(now_ms() - 60_000).await.unwrap(), 0, "a fresh row was purged");
@@ -426,4 +429,53 @@ async fn a_lagging_consumer_defers_checks_instead_of_resending(url: &str) {
 async fn admin_client(env: &Env) -> recheck_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {
     let addr = env.admin_addrs[0];
     recheck_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+/// PostgreSQL, READ COMMITTED: a confirm that commits while the reconciler's `finish` waits for
+/// the row lock must survive — `finish` re-checks the status in its UPDATE. (Found by the chaos
+/// run: a `resent` overwrote `confirmed` and the message stayed unsettled with no check left.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_committing_during_finish_is_not_overwritten() {
+    use callback_service::store::{AttemptOutcome, Store};
+    use sqlx::{Connection, Executor};
+
+    let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+    let store = std::sync::Arc::new(Store::connect(&db).await.unwrap());
+    let id = Uuid::now_v7();
+    let check: Check = serde_json::from_value(serde_json::json!({
+        "message_id": id, "routing_key": "order.created", "business_key": "o-1",
+        "attempt": 0, "published_at": now_ms(),
+    }))
+    .unwrap();
+    store.record_check("orders", &check).await.unwrap();
+    assert!(store.claim(&id.to_string(), 0).await.unwrap());
+
+    // The confirm's transaction holds the row, not committed yet.
+    let mut confirm = sqlx::PgConnection::connect(&db).await.unwrap();
+    confirm.execute("BEGIN").await.unwrap();
+    sqlx::query("UPDATE messages SET status = 'confirmed' WHERE message_id = $1")
+        .bind(id.to_string())
+        .execute(&mut confirm)
+        .await
+        .unwrap();
+    let finishing = tokio::spawn({
+        let (store, id) = (store.clone(), id.to_string());
+        async move { store.finish(&id, 1, &AttemptOutcome::Resent { next_check_at: now_ms() }).await }
+    });
+    // `finish` has read `pending` and now waits for the row lock.
+    let probe = sqlx::PgPool::connect(&db).await.unwrap();
+    wait_for("finish to wait for the row lock", Duration::from_secs(10), || async {
+        let (waiting,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(&probe)
+            .await
+            .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    confirm.execute("COMMIT").await.unwrap();
+    assert!(finishing.await.unwrap().unwrap(), "the resend happened and must count");
+
+    let row = store.get(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(row.status, Status::Confirmed, "the confirm was overwritten");
+    assert_eq!(row.resend_count, 1);
 }

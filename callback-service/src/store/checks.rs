@@ -92,6 +92,11 @@ impl Store {
 
     /// Records how attempt `attempt` ended, if the row is still at that attempt
     /// and not settled meanwhile (a confirm may have come in during the RPC).
+    ///
+    /// Every UPDATE repeats `status IN ('pending', 'resent')`: on PostgreSQL a confirm that
+    /// commits between our read and our write is only seen by the write's own WHERE (re-checked
+    /// on the row's new version), and without it a `resent` would overwrite `confirmed` — a
+    /// confirmed message left looking unconfirmed, with no check left to fix it.
     pub async fn finish(&self, message_id: &str, attempt: u32, outcome: &AttemptOutcome) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.begin().await?;
@@ -99,33 +104,17 @@ impl Store {
         if row.attempt != attempt {
             return Ok(false);
         }
-        if row.status.is_terminal() {
-            // Settled during the RPC (typically by the confirm of this very resend):
-            // the resend still happened and counts, the status stays.
-            if !matches!(outcome, AttemptOutcome::Resent { .. }) {
-                return Ok(false);
-            }
-            sqlx::query(
-                "UPDATE messages SET resend_count = resend_count + 1, scheduled_attempt = $1, updated_at = $2
-                 WHERE message_id = $3 AND attempt = $1",
-            )
-            .bind(i64::from(attempt))
-            .bind(now)
-            .bind(message_id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            self.committed();
-            return Ok(true);
-        }
         let a = i64::from(attempt);
         let (to, reason) = match outcome {
+            _ if row.status.is_terminal() => {
+                return self.finish_settled(tx, message_id, attempt, outcome, now).await;
+            }
             AttemptOutcome::Resent { next_check_at } => {
-                sqlx::query(
+                let done = sqlx::query(
                     "UPDATE messages SET status = 'resent', resend_count = resend_count + 1,
                          first_failure_at = NULL, last_error = NULL, scheduled_attempt = $1,
                          next_check_at = $2, updated_at = $3
-                     WHERE message_id = $4 AND attempt = $1",
+                     WHERE message_id = $4 AND attempt = $1 AND status IN ('pending', 'resent')",
                 )
                 .bind(a)
                 .bind(*next_check_at)
@@ -133,13 +122,16 @@ impl Store {
                 .bind(message_id)
                 .execute(&mut *tx)
                 .await?;
+                if done.rows_affected() == 0 {
+                    return self.finish_settled(tx, message_id, attempt, outcome, now).await;
+                }
                 (Status::Resent, format!("resend #{}", row.resend_count + 1))
             }
             AttemptOutcome::Retry { reason, next_check_at } => {
                 sqlx::query(
                     "UPDATE messages SET last_error = $1, first_failure_at = COALESCE(first_failure_at, $2),
                          scheduled_attempt = $3, next_check_at = $4, updated_at = $2
-                     WHERE message_id = $5 AND attempt = $3",
+                     WHERE message_id = $5 AND attempt = $3 AND status IN ('pending', 'resent')",
                 )
                 .bind(reason)
                 .bind(now)
@@ -153,9 +145,9 @@ impl Store {
                 return Ok(true);
             }
             AttemptOutcome::Terminal { status, reason } => {
-                sqlx::query(
+                let done = sqlx::query(
                     "UPDATE messages SET status = $1, last_error = $2, next_check_at = 0, updated_at = $3
-                     WHERE message_id = $4 AND attempt = $5",
+                     WHERE message_id = $4 AND attempt = $5 AND status IN ('pending', 'resent')",
                 )
                 .bind(status.as_str())
                 .bind(reason)
@@ -164,10 +156,40 @@ impl Store {
                 .bind(a)
                 .execute(&mut *tx)
                 .await?;
+                if done.rows_affected() == 0 {
+                    return self.finish_settled(tx, message_id, attempt, outcome, now).await;
+                }
                 (*status, reason.clone())
             }
         };
         record_transition(&mut tx, message_id, Some(row.status), to, attempt, &reason, now).await?;
+        tx.commit().await?;
+        self.committed();
+        Ok(true)
+    }
+
+    /// The row was settled during the RPC (typically by the confirm of this very resend): a
+    /// resend still happened and counts, the status stays; other outcomes change nothing.
+    async fn finish_settled(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        message_id: &str,
+        attempt: u32,
+        outcome: &AttemptOutcome,
+        now: i64,
+    ) -> Result<bool> {
+        if !matches!(outcome, AttemptOutcome::Resent { .. }) {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE messages SET resend_count = resend_count + 1, scheduled_attempt = $1, updated_at = $2
+             WHERE message_id = $3 AND attempt = $1",
+        )
+        .bind(i64::from(attempt))
+        .bind(now)
+        .bind(message_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.committed();
         Ok(true)
