@@ -39,6 +39,10 @@ pub struct Config {
     #[arg(long, env = "RECHECK_LOG")]
     pub log: Option<String>,
 
+    /// Log format (`RECHECK_LOG_FORMAT`) and OTLP span export (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[command(flatten)]
+    pub trace: recheck::trace::TraceArgs,
+
     /// Producers' resend hooks, comma-separated `NAME=URL` or `NAME=URL TOKEN` entries
     /// (e.g. `orders=http://127.0.0.1:50061,billing=http://billing:50061 s3cr3t`); a TOKEN is
     /// sent as `authorization: Bearer TOKEN`. Prefer `--producers-file` for tokens.

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(config)) => *config,
         None => cli.config,
     };
-    recheck::shutdown::init_tracing(config.log.as_deref())?;
+    let _trace = recheck::trace::init(config.log.as_deref(), &config.trace, "callback-service")?;
 
     let app = build(config).await?;
 

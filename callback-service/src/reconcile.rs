@@ -31,6 +31,7 @@ use recheck::{
 use recheck_proto::v1::{ResendOutcome, ResendRequest, ResendResponse};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use crate::{
     backlog::Backlog,
@@ -174,7 +175,10 @@ impl Reconciler {
         };
         metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
         let plans = futures_util::future::try_join_all(
-            batch.checks.iter().map(|check| self.decide(&batch.producer, check)),
+            batch
+                .checks
+                .iter()
+                .map(|check| self.decide(&batch.producer, check).instrument(span(&batch.producer, check))),
         )
         .await?;
 
@@ -222,8 +226,7 @@ impl Reconciler {
     }
 
     /// Decides one check; makes the RPC if the message is unconfirmed and this
-    /// process won the attempt.
-    #[tracing::instrument(skip_all, fields(message_id = %check.message_id, attempt = check.attempt))]
+    /// process won the attempt. Runs in the check's `reconcile` span ([`span`]).
     async fn decide(&self, producer: &str, check: &Check) -> anyhow::Result<Plan> {
         self.counters.checks.fetch_add(1, Ordering::Relaxed);
         let row = self.store.record_check(producer, check).await?;
@@ -369,7 +372,21 @@ impl Reconciler {
     }
 }
 
-/// Publishes a redrive's CHECK right away (shortest tier).
+/// The span of one check: it continues the trace of the producer's `prepare` (the check's
+/// `traceparent`), and the `Resend` RPC made in it carries it on to the producer's hook.
+fn span(producer: &str, check: &Check) -> tracing::Span {
+    let span = tracing::info_span!(
+        "reconcile",
+        %producer,
+        message_id = %check.message_id,
+        attempt = check.attempt
+    );
+    recheck::trace::set_parent_from_traceparent(&span, check.traceparent.as_deref());
+    span
+}
+
+/// Publishes a redrive's CHECK right away (shortest tier); it carries the current span's
+/// trace context (the redrive request's), not the original order's.
 pub async fn publish_redrive(
     publisher: &Publisher,
     topology: &Topology,
@@ -385,6 +402,7 @@ pub async fn publish_redrive(
         attempt: row.attempt,
         published_at: row.published_at,
         expect: row.expect.clone(),
+        traceparent: recheck::trace::current_traceparent(),
     };
     let delay = topology.tiers.first().copied().unwrap_or_default();
     publish_checks(publisher, topology, &CheckBatch::new(row.producer.clone(), vec![check]), delay).await

@@ -221,6 +221,8 @@ impl ProducerClient {
         if let Some(authorization) = &self.authorization {
             request.metadata_mut().insert("authorization", authorization.clone());
         }
+        // The caller's span (a check's `reconcile`) continues in the producer's hook.
+        recheck::trace::inject_metadata(request.metadata_mut());
         let mut hook = self.hook.clone();
         let elapsed = || {
             Status::deadline_exceeded(format!(

@@ -78,6 +78,10 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax); when unset, `RUST_LOG`, else `info`.
     #[arg(long, env = "RECHECK_LOG")]
     pub log: Option<String>,
+
+    /// Log format (`RECHECK_LOG_FORMAT`) and OTLP span export (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[command(flatten)]
+    pub trace: recheck::trace::TraceArgs,
 }
 
 /// Fault injection, all off by default: the demo shows Recheck repairing them.

@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: downstream_demo::Config) -> anyhow::Result<()> {
-    recheck::shutdown::init_tracing(config.log.as_deref())?;
+    let _trace = recheck::trace::init(config.log.as_deref(), &config.trace, "downstream-demo")?;
     let app = build(config).await?;
     let shutdown = recheck::shutdown::on_signals()?;
     app.run(shutdown).await?;

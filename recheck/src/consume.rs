@@ -10,15 +10,16 @@ use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions},
 };
-use sqlx::{Acquire, AnyConnection, AnyPool};
+use sqlx::{Acquire, Any, AnyConnection, AnyPool, Transaction};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     Confirmer, Inbox, Publisher, Result, Subscription, SubscriptionConfig, Topology,
     hook::BoxError,
     message::{BusinessHeaders, Confirm, DecodeError, Outcome, now_ms},
     parking::park,
-    telemetry,
+    telemetry, trace,
 };
 
 /// A business message as the effect sees it.
@@ -254,40 +255,18 @@ impl<E: Effect> ConsumerLoop<E> {
         let mut confirms = Vec::with_capacity(pending.len());
         let mut failed = Vec::new();
         for (i, (d, h)) in pending.iter().enumerate() {
-            let mut one = tx.begin().await?;
-            let (outcome, detail) = if self.inbox.claim(&mut one, h.message_id).await? {
-                let incoming = Incoming {
-                    headers: h,
-                    routing_key: d.routing_key.as_str(),
-                    body: &d.data,
-                    redelivered: d.redelivered,
-                };
-                match self.effect.apply(&mut one, &incoming).await {
-                    Ok(Applied::Processed) => {
-                        report.processed += 1;
-                        (Outcome::Processed, None)
-                    }
-                    Ok(Applied::Rejected(reason)) => {
-                        self.inbox.mark_rejected(&mut one, h.message_id, &reason).await?;
-                        report.rejected += 1;
-                        (Outcome::Rejected, Some(reason))
-                    }
-                    Err(e) => {
-                        one.rollback().await?;
-                        tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering");
-                        failed.push(i);
-                        continue;
-                    }
-                }
-            } else {
-                report.duplicates += 1;
-                match self.inbox.prior(&mut one, h.message_id).await? {
-                    Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
-                    _ => (Outcome::Duplicate, None),
-                }
-            };
-            one.commit().await?;
-            confirms.push(Confirm { message_id: h.message_id, outcome, detail, processed_at: now_ms() });
+            // One span per message, continuing the producer's trace from the message's headers.
+            let span = tracing::info_span!("process", message_id = %h.message_id, attempt = h.attempt);
+            trace::set_parent_from_headers(&span, d.properties.headers().as_ref());
+            match self.process(&mut tx, d, h, report).instrument(span).await? {
+                Some((outcome, detail)) => confirms.push(Confirm {
+                    message_id: h.message_id,
+                    outcome,
+                    detail,
+                    processed_at: now_ms(),
+                }),
+                None => failed.push(i),
+            }
         }
         tx.commit().await?;
         // Only now: a redelivery must not find the batch's transaction still open.
@@ -297,5 +276,50 @@ impl<E: Effect> ConsumerLoop<E> {
             report.retried += 1;
         }
         Ok(confirms)
+    }
+
+    /// One message in its own savepoint: its confirm, or `None` after a transient failure
+    /// (rolled back; the caller nacks it once the batch's transaction is over).
+    async fn process(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        d: &Delivery,
+        h: &BusinessHeaders,
+        report: &mut BatchReport,
+    ) -> Result<Option<(Outcome, Option<String>)>> {
+        let mut one = tx.begin().await?;
+        let (outcome, detail) = if self.inbox.claim(&mut one, h.message_id).await? {
+            let incoming = Incoming {
+                headers: h,
+                routing_key: d.routing_key.as_str(),
+                body: &d.data,
+                redelivered: d.redelivered,
+            };
+            match self.effect.apply(&mut one, &incoming).await {
+                Ok(Applied::Processed) => {
+                    report.processed += 1;
+                    (Outcome::Processed, None)
+                }
+                Ok(Applied::Rejected(reason)) => {
+                    self.inbox.mark_rejected(&mut one, h.message_id, &reason).await?;
+                    report.rejected += 1;
+                    (Outcome::Rejected, Some(reason))
+                }
+                Err(e) => {
+                    one.rollback().await?;
+                    tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering");
+                    return Ok(None);
+                }
+            }
+        } else {
+            report.duplicates += 1;
+            match self.inbox.prior(&mut one, h.message_id).await? {
+                Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
+                _ => (Outcome::Duplicate, None),
+            }
+        };
+        one.commit().await?;
+        tracing::debug!(outcome = outcome.as_str(), "message handled");
+        Ok(Some((outcome, detail)))
     }
 }

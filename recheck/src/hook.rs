@@ -8,9 +8,10 @@ use recheck_proto::v1::{
     resend_hook_server::{ResendHook, ResendHookServer},
 };
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
+use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{BearerAuth, Producer, message::now_ms};
+use crate::{BearerAuth, Producer, message::now_ms, trace};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -96,6 +97,15 @@ impl<S: ResendSource> ResendHookService<S> {
     }
 }
 
+/// The span of one `Resend` call, continuing the caller's trace (gRPC metadata `traceparent`):
+/// the republished message carries it on to the consumer. Wrappers of the service use it too.
+pub fn resend_span(request: &Request<ResendRequest>) -> tracing::Span {
+    let req = request.get_ref();
+    let span = tracing::info_span!("resend", message_id = %req.message_id, attempt = req.attempt);
+    trace::set_parent_from_metadata(&span, request.metadata());
+    span
+}
+
 fn uuid_ms(id: Uuid) -> Option<i64> {
     let (secs, nanos) = id.get_timestamp()?.to_unix();
     i64::try_from(secs).ok().map(|s| s * 1000 + i64::from(nanos / 1_000_000))
@@ -103,10 +113,14 @@ fn uuid_ms(id: Uuid) -> Option<i64> {
 
 #[tonic::async_trait]
 impl<S: ResendSource> ResendHook for ResendHookService<S> {
-    #[tracing::instrument(skip_all, fields(message_id = %request.get_ref().message_id, attempt = request.get_ref().attempt))]
     async fn resend(&self, request: Request<ResendRequest>) -> Result<Response<ResendResponse>, Status> {
-        let (outcome, reason) = self.handle(request.get_ref()).await?;
-        tracing::info!(outcome = outcome.as_str_name(), %reason, "resend");
-        Ok(Response::new(ResendResponse { outcome: outcome.into(), reason }))
+        let span = resend_span(&request);
+        async {
+            let (outcome, reason) = self.handle(request.get_ref()).await?;
+            tracing::info!(outcome = outcome.as_str_name(), %reason, "resend");
+            Ok(Response::new(ResendResponse { outcome: outcome.into(), reason }))
+        }
+        .instrument(span)
+        .await
     }
 }

@@ -18,6 +18,8 @@
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
+//! - [`trace`]: W3C trace context in AMQP headers, CHECK entries and gRPC metadata; with feature
+//!   `service`, the log subscriber (text / JSON with trace ids) and optional OTLP export (`otlp`).
 //! - [`telemetry`]: the metric catalog (names, labels, help) every component records by.
 //! - [`secret`]: `SecretUrl` (URLs that may hold passwords print redacted) and `redact_url`.
 //! - [`tls`]: rustls for the gRPC servers and clients and `amqps://`, from PEM files (clap
@@ -48,6 +50,7 @@ pub mod subscription;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod trace;
 
 pub use auth::BearerAuth;
 pub use confirmer::Confirmer;

@@ -30,6 +30,11 @@ pub struct Check {
     /// Consumers that must confirm; `None` = any one confirm suffices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<Vec<String>>,
+    /// W3C `traceparent` of the producer's span that prepared the message (optional, additive
+    /// in v1): the callback service's reconcile span and its `Resend` RPC continue that trace.
+    /// A CHECK is a batch, so the context travels per check, not in the AMQP headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A CHECK message: many checks of one producer.
@@ -351,6 +356,7 @@ mod tests {
             attempt: 0,
             published_at: 1,
             expect: Some(vec!["points".into()]),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         }
     }
 
@@ -360,6 +366,19 @@ mod tests {
         let body = serde_json::to_vec(&batch).unwrap();
         let decoded = CheckBatch::decode(&body, Some(CONTENT_TYPE_JSON), Limits::default()).unwrap();
         assert_eq!(decoded, batch);
+    }
+
+    /// Producers that do not trace (other languages, older SDKs) send no `traceparent`.
+    #[test]
+    fn check_without_traceparent_decodes_and_is_not_written() {
+        let id = Uuid::now_v7();
+        let body = format!(
+            r#"{{"v":1,"producer":"orders","checks":[{{"message_id":"{id}","routing_key":"order.created","business_key":"o","attempt":0,"published_at":1}}]}}"#
+        );
+        let batch = CheckBatch::decode(body.as_bytes(), None, Limits::default()).unwrap();
+        assert_eq!(batch.checks[0].traceparent, None);
+        let written = String::from_utf8(serde_json::to_vec(&batch).unwrap()).unwrap();
+        assert!(!written.contains("traceparent"), "{written}");
     }
 
     #[test]

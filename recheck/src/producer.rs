@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::{
     GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
     message::{BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, now_ms},
-    telemetry,
+    telemetry, trace,
 };
 
 /// What a producer publishes after its business transaction.
@@ -94,12 +94,19 @@ impl Producer {
         &self.inner.topology
     }
 
-    /// Step 1 of the safe order: publishes (group-committed) the delayed CHECK.
-    #[tracing::instrument(skip_all, fields(producer = %self.name(), business_key = %event.business_key), err)]
+    /// Step 1 of the safe order: publishes (group-committed) the delayed CHECK. The check
+    /// carries this span's `traceparent`, so the callback service continues the caller's trace.
+    #[tracing::instrument(
+        skip_all,
+        fields(producer = %self.name(), business_key = %event.business_key, message_id),
+        err
+    )]
     pub async fn prepare(&self, event: Event) -> Result<Prepared> {
         let message_id = Uuid::now_v7();
+        tracing::Span::current().record("message_id", tracing::field::display(message_id));
         self.inner.checks.submit(self.check_for(message_id, &event)).await?;
         metrics::counter!(telemetry::PREPARED, "producer" => self.name().to_owned()).increment(1);
+        tracing::debug!("check prepared");
         Ok(Prepared { producer: self.clone(), message_id, event })
     }
 
@@ -113,8 +120,9 @@ impl Producer {
         Ok(message_id)
     }
 
-    /// Publishes a business message with Recheck headers; `attempt` 0 is the
-    /// original, n the n-th resend. Waits for the broker's confirm.
+    /// Publishes a business message with Recheck headers and the current span's trace context
+    /// (`traceparent`); `attempt` 0 is the original, n the n-th resend. Waits for the broker's
+    /// confirm.
     pub async fn publish_business(
         &self,
         message_id: Uuid,
@@ -130,15 +138,19 @@ impl Producer {
             attempt,
         };
         let exchange = self.inner.topology.events_exchange();
+        let properties = headers.to_properties();
+        let mut table = properties.headers().clone().unwrap_or_default();
+        trace::inject_headers(&mut table);
         self.inner
             .publisher
             .publish(Outgoing {
                 exchange: &exchange,
                 routing_key,
                 body: payload,
-                properties: headers.to_properties().with_timestamp(now_secs()),
+                properties: properties.with_headers(table).with_timestamp(now_secs()),
             })
             .await?;
+        tracing::debug!(%message_id, attempt, "business message published");
         let kind = if attempt == 0 { "original" } else { "resend" };
         metrics::counter!(telemetry::BUSINESS_PUBLISHED, "producer" => self.name().to_owned(), "kind" => kind)
             .increment(1);
@@ -153,6 +165,7 @@ impl Producer {
             attempt: 0,
             published_at: now_ms(),
             expect: event.expect.clone(),
+            traceparent: trace::current_traceparent(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Service plumbing: shutdown is an input — a token cancelled on SIGTERM or
 //! SIGINT, which every service loop takes and honours (stop consuming, finish
-//! in-flight work); and, with the `service` feature, logging set-up.
+//! in-flight work). Logging set-up is [`crate::trace::init`] (feature `service`).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -19,19 +19,4 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         cancel.cancel();
     });
     Ok(token)
-}
-
-/// Logs to stderr (stdout is for command output) with `directives` (tracing `EnvFilter` syntax), else
-/// `RUST_LOG`, else `info`.
-#[cfg(feature = "service")]
-pub fn init_tracing(directives: Option<&str>) -> Result<(), tracing_subscriber::filter::ParseError> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match directives {
-        Some(d) => EnvFilter::try_new(d)?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    // Colour codes only for a person at a terminal, not in log files and collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-    Ok(())
 }

@@ -57,15 +57,20 @@ fn check() -> impl Strategy<Value = Check> {
         0..u32::MAX,
         0..=i64::MAX,
         proptest::option::of(proptest::collection::vec(name(), 0..4)),
+        // Optional trace context: absent from producers that do not trace.
+        proptest::option::of(text()),
     )
-        .prop_map(|(message_id, routing_key, business_key, attempt, published_at, expect)| Check {
-            message_id,
-            routing_key,
-            business_key,
-            attempt,
-            published_at,
-            expect,
-        })
+        .prop_map(
+            |(message_id, routing_key, business_key, attempt, published_at, expect, traceparent)| Check {
+                message_id,
+                routing_key,
+                business_key,
+                attempt,
+                published_at,
+                expect,
+                traceparent,
+            },
+        )
 }
 
 fn confirm() -> impl Strategy<Value = Confirm> {

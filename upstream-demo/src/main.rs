@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(config)) => *config,
         None => cli.config,
     };
-    recheck::shutdown::init_tracing(config.log.as_deref())?;
+    let _trace = recheck::trace::init(config.log.as_deref(), &config.trace, "upstream-demo")?;
 
     let app = build(config).await?;
 

@@ -6,6 +6,7 @@
 use recheck::{Event, Producer};
 use recheck_proto::demo::v1::{CreateOrderRequest, CreateOrderResponse, Fault, orders_server::Orders};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::store::{Order, Store, StoreError};
@@ -88,18 +89,31 @@ impl OrdersService {
                 }
             },
         };
+        tracing::debug!(%order_id, published, "order created");
         Ok(CreateOrderResponse { order_id, message_id: message_id.to_string(), committed: true, published })
     }
 }
 
 #[tonic::async_trait]
 impl Orders for OrdersService {
-    #[tracing::instrument(skip_all, fields(customer = %request.get_ref().customer, message_id), err)]
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
-        self.create(request.get_ref()).await.map(Response::new)
+        // The order's root span — or the caller's trace, if it sent one (`traceparent`). The
+        // CHECK, the business message and any resend of this order continue it.
+        let customer = &request.get_ref().customer;
+        let span = tracing::info_span!("create_order", %customer, message_id = tracing::field::Empty);
+        recheck::trace::set_parent_from_metadata(&span, request.metadata());
+        async {
+            let created = self.create(request.get_ref()).await;
+            if let Err(status) = &created {
+                tracing::error!(error = %status.message(), code = ?status.code(), "order not created");
+            }
+            created.map(Response::new)
+        }
+        .instrument(span)
+        .await
     }
 }
 

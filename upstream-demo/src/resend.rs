@@ -9,6 +9,7 @@ use recheck_proto::v1::{
     resend_hook_server::{ResendHook, ResendHookServer},
 };
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::Store;
@@ -41,16 +42,22 @@ impl AuditedHook {
 
 #[tonic::async_trait]
 impl ResendHook for AuditedHook {
-    #[tracing::instrument(skip_all, fields(message_id = %request.get_ref().message_id, attempt = request.get_ref().attempt))]
     async fn resend(&self, request: Request<ResendRequest>) -> Result<Response<ResendResponse>, Status> {
+        // The callback service's trace (gRPC metadata) continues here and into the republish.
+        let span = recheck::hook::resend_span(&request);
         let req = request.get_ref();
-        let (outcome, reason) = self.inner.handle(req).await?;
-        tracing::info!(outcome = outcome.as_str_name(), %reason, "resend");
-        // The audit never decides the answer: a failed insert is logged, not returned.
-        if let Err(e) = self.store.record_hook_call(&req.message_id, req.attempt, outcome.as_str_name()).await
-        {
-            tracing::warn!(error = %e, "recording the hook call");
+        async {
+            let (outcome, reason) = self.inner.handle(req).await?;
+            tracing::info!(outcome = outcome.as_str_name(), %reason, "resend");
+            // The audit never decides the answer: a failed insert is logged, not returned.
+            if let Err(e) =
+                self.store.record_hook_call(&req.message_id, req.attempt, outcome.as_str_name()).await
+            {
+                tracing::warn!(error = %e, "recording the hook call");
+            }
+            Ok(Response::new(ResendResponse { outcome: outcome.into(), reason }))
         }
-        Ok(Response::new(ResendResponse { outcome: outcome.into(), reason }))
+        .instrument(span)
+        .await
     }
 }

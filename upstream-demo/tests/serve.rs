@@ -33,6 +33,7 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
         hook_tokens: None,
         ops: recheck::ops::OpsArgs { ops_addr: "127.0.0.1:0".parse().unwrap() },
         log: None,
+        trace: Default::default(),
     };
     let app = build(config).await.unwrap();
     let (addr, store) = (app.grpc_addr(), app.store().clone());

@@ -109,6 +109,7 @@ impl Stage {
                 attempt: 0,
                 published_at: now_ms(),
                 expect: Some(vec!["points".into()]),
+                traceparent: None,
             });
             if chunk.len() == per_message {
                 bodies.push(serde_json::to_vec(&CheckBatch::new("orders", std::mem::take(&mut chunk)))?);
