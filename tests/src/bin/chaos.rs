@@ -147,12 +147,13 @@ async fn main() -> anyhow::Result<()> {
 fn row(o: &Outcome) -> String {
     let v = &o.verdict;
     format!(
-        "| {:?} | {} | {} | {} | {} | {} | {} ({:.2} %) | {} | {} | {} | {:.1} s |",
+        "| {:?} | {} | {} | {} | {} | {} | {} | {} ({:.2} %) | {} | {} | {} | {:.1} s |",
         o.fault,
         if o.deferral { "on" } else { "off" },
         o.orders,
         v.committed,
         v.lost,
+        v.pending,
         v.duplicates_absorbed,
         v.resent_messages,
         o.resent_share() * 100.0,
