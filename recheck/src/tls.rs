@@ -156,8 +156,8 @@ impl AmqpTls {
         Ok(Self { ca, identity })
     }
 
-    /// lapin's form of it.
-    pub(crate) fn lapin(&self) -> OwnedTLSConfig {
+    /// lapin's form of it (its `Debug` shows the key: keep it out of logs).
+    pub fn lapin(&self) -> OwnedTLSConfig {
         OwnedTLSConfig {
             identity: self
                 .identity
