@@ -43,6 +43,8 @@ pub enum Fault {
     MemoryAlarm,
     /// Every service ↔ broker connection cut at once.
     ConnectionsCut,
+    /// Every service ↔ broker connection stalled (a black hole), then flowing again.
+    ConnectionsStalled,
     /// A 3-node cluster, every service given all three addresses; the node they are connected to
     /// is killed with -9 mid-load, and started again after the outage.
     NodeKilled,
@@ -75,17 +77,33 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The row's defaults: the fault fires at 30 % of the orders and lasts 4 s, except where the
+    /// fault needs longer to mean something.
     pub fn new(fault: Fault, orders: u64, dir: impl Into<PathBuf>) -> Self {
+        let (at, outage) = match fault {
+            // Tiers are 1 s, 3 s, 5 s: 12 s down spans several check rounds of every message.
+            Fault::HookDown => (0.3, 12),
+            // Longer than the 3 s check delay, while the load goes on.
+            Fault::ConsumerDown => (0.2, 8),
+            // Failover waits out the publisher's recovery timeout (15 s) first.
+            Fault::NodeKilled => (0.3, 20),
+            _ => (0.3, 4),
+        };
         Self {
             fault,
             orders,
             rate: 400,
-            at: 0.3,
-            outage: Duration::from_secs(4),
+            at,
+            outage: Duration::from_secs(outage),
             deferral: true,
             dir: dir.into(),
             settle_within: Duration::from_secs(300),
         }
+    }
+
+    /// Every row of the matrix, in the order `scripts/chaos` runs them.
+    pub fn all() -> &'static [Fault] {
+        <Fault as clap::ValueEnum>::value_variants()
     }
 }
 
@@ -172,7 +190,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     match fault {
         Fault::BusinessDropped => load.skip_publish_rate = 0.1,
         Fault::ConfirmDropped => opts.consumer_faults.drop_confirm_rate = 0.1,
-        Fault::ConnectionsCut => {
+        Fault::ConnectionsCut | Fault::ConnectionsStalled => {
             let proxy = FaultProxy::start(socket_addr(&vhost_url)?)?;
             opts.amqp_url = proxy.url_for(&vhost_url);
             amqp_proxy = Some(proxy);
@@ -201,40 +219,8 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     let target = ((scenario.orders as f64) * scenario.at).ceil() as u64;
     let committed_at_fault = deployment.wait_committed(target, Duration::from_secs(120)).await?;
     tracing::info!(?fault, committed_at_fault, "injecting the fault");
-    let outage = scenario.outage;
-    match fault {
-        Fault::None | Fault::BusinessDropped | Fault::ConfirmDropped | Fault::TwoCallbacks | Fault::Mixed => {
-        }
-        Fault::ConsumerKilled => bounce(&mut deployment, Role::Downstream, outage).await?,
-        Fault::CallbackKilled => bounce(&mut deployment, Role::Callback(0), outage).await?,
-        Fault::ProducerKilled => bounce(&mut deployment, Role::Upstream, outage).await?,
-        Fault::ConsumerDown => bounce(&mut deployment, Role::Downstream, outage).await?,
-        Fault::HookDown => {
-            let proxy = hook_proxy.as_ref().expect("set up above");
-            proxy.refuse(true);
-            proxy.cut();
-            sleep(outage).await;
-            proxy.refuse(false);
-        }
-        Fault::BrokerRestart => {
-            broker.rabbit.stop_app().await?;
-            sleep(outage).await;
-            broker.rabbit.start_app().await?;
-        }
-        Fault::MemoryAlarm => {
-            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]).await?;
-            sleep(outage).await;
-            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
-        }
-        Fault::ConnectionsCut => amqp_proxy.as_ref().expect("set up above").cut(),
-        Fault::NodeKilled => {
-            // Every service connects to the first address first.
-            let cluster = broker.cluster.expect("checked above");
-            cluster.kill(0).await?;
-            sleep(outage).await;
-            cluster.restart(0).await?;
-        }
-    }
+    let proxies = Proxies { amqp: amqp_proxy.as_ref(), hook: hook_proxy.as_ref() };
+    inject(&mut deployment, broker, &proxies, fault, scenario.outage).await?;
     let recovered = Instant::now();
 
     let load = crate::deploy::finish_load(running).await?;
@@ -296,27 +282,7 @@ pub async fn run_mixed(
         let outage = Duration::from_millis(rng.random_range(1_000..5_000));
         tracing::info!(?fault, ?outage, "chaos: injecting");
         eprintln!("chaos: {:>6.1}s {fault:?} for {outage:?}", started.elapsed().as_secs_f64());
-        match fault {
-            Fault::ConsumerKilled => bounce(&mut deployment, Role::Downstream, outage).await?,
-            Fault::CallbackKilled => bounce(&mut deployment, Role::Callback(0), outage).await?,
-            Fault::ProducerKilled => bounce(&mut deployment, Role::Upstream, outage).await?,
-            Fault::None => {
-                proxy.stall();
-                sleep(outage).await;
-                proxy.resume();
-            }
-            Fault::BrokerRestart => {
-                broker.rabbit.stop_app().await?;
-                sleep(outage).await;
-                broker.rabbit.start_app().await?;
-            }
-            Fault::MemoryAlarm => {
-                broker.rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]).await?;
-                sleep(outage).await;
-                broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
-            }
-            _ => proxy.cut(),
-        }
+        inject(&mut deployment, broker, &Proxies { amqp: Some(&proxy), hook: None }, fault, outage).await?;
         fired += 1;
     }
     let recovered = Instant::now();
@@ -335,6 +301,62 @@ pub async fn run_mixed(
         reconcile_s,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The fault proxies of a run, where it has them.
+struct Proxies<'a> {
+    amqp: Option<&'a FaultProxy>,
+    hook: Option<&'a FaultProxy>,
+}
+
+/// Fires `fault` and returns once it is over (`outage` later, for the lasting ones). Faults that
+/// are settings of the run (dropped publishes or confirms, two instances) do nothing here.
+async fn inject(
+    deployment: &mut Deployment,
+    broker: &Broker<'_>,
+    proxies: &Proxies<'_>,
+    fault: Fault,
+    outage: Duration,
+) -> Result<()> {
+    match fault {
+        Fault::None | Fault::BusinessDropped | Fault::ConfirmDropped | Fault::TwoCallbacks | Fault::Mixed => {
+        }
+        Fault::ConsumerKilled | Fault::ConsumerDown => bounce(deployment, Role::Downstream, outage).await?,
+        Fault::CallbackKilled => bounce(deployment, Role::Callback(0), outage).await?,
+        Fault::ProducerKilled => bounce(deployment, Role::Upstream, outage).await?,
+        Fault::HookDown => {
+            let proxy = proxies.hook.context("no proxy in front of the hook")?;
+            proxy.refuse(true);
+            proxy.cut();
+            sleep(outage).await;
+            proxy.refuse(false);
+        }
+        Fault::BrokerRestart => {
+            broker.rabbit.stop_app().await?;
+            sleep(outage).await;
+            broker.rabbit.start_app().await?;
+        }
+        Fault::MemoryAlarm => {
+            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]).await?;
+            sleep(outage).await;
+            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
+        }
+        Fault::ConnectionsCut => proxies.amqp.context("no proxy in front of the broker")?.cut(),
+        Fault::ConnectionsStalled => {
+            let proxy = proxies.amqp.context("no proxy in front of the broker")?;
+            proxy.stall();
+            sleep(outage).await;
+            proxy.resume();
+        }
+        Fault::NodeKilled => {
+            // Every service connects to the first address first.
+            let cluster = broker.cluster.context("a node can be killed only in a cluster")?;
+            cluster.kill(0).await?;
+            sleep(outage).await;
+            cluster.restart(0).await?;
+        }
+    }
+    Ok(())
 }
 
 /// kill -9, a pause, start again.

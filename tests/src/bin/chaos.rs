@@ -4,7 +4,7 @@
 //! table (fault × orders × lost × duplicates absorbed × resends × time to reconcile) and writes
 //! every outcome to `<dir>/report.json`. Exits 1 if any row lost a message.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
@@ -32,40 +32,15 @@ struct Args {
 
 /// The rows: the matrix, then the storm with the deferral off, then the mixed run.
 fn plan(args: &Args) -> Vec<Scenario> {
-    use Fault::*;
-    let rows = [
-        None,
-        BusinessDropped,
-        ConfirmDropped,
-        ConsumerKilled,
-        CallbackKilled,
-        ProducerKilled,
-        HookDown,
-        BrokerRestart,
-        MemoryAlarm,
-        ConnectionsCut,
-        NodeKilled,
-        TwoCallbacks,
-        ConsumerDown,
-        Mixed,
-    ];
     let mut plan = Vec::new();
-    for fault in rows {
+    for &fault in Scenario::all() {
         if !args.only.is_empty() && !args.only.contains(&fault) {
             continue;
         }
-        let orders = if fault == Mixed { args.mixed_orders } else { args.orders };
+        let orders = if fault == Fault::Mixed { args.mixed_orders } else { args.orders };
         let mut s = Scenario::new(fault, orders, args.dir.join(format!("{fault:?}")));
         s.rate = args.rate;
-        match fault {
-            HookDown => s.outage = Duration::from_secs(12),
-            ConsumerDown => {
-                s.at = 0.2;
-                s.outage = Duration::from_secs(8);
-            }
-            _ => {}
-        }
-        if fault == ConsumerDown {
+        if fault == Fault::ConsumerDown {
             let mut without = s.clone();
             without.deferral = false;
             without.dir = args.dir.join("ConsumerDown-no-deferral");
