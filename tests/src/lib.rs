@@ -22,6 +22,8 @@
 //!   the stores; shared by the `faults` suite and `bin/chaos.rs` (`scripts/chaos`).
 //! - [`demo`] — the demo flow (three service processes, a load with faults, the report), shared by
 //!   `bin/demo.rs` (`scripts/demo`) and the `demo_flow` suite.
+//! - [`definitions`] — `compose/rabbitmq-definitions.json` (least-privilege broker users) and the
+//!   user each compose service connects as; read by the `compose` and `permissions` suites.
 //! - `ports` — free TCP ports; `urls` — the little URL editing the kit needs.
 //! - `bin/testkit.rs` — `testkit up --env-file F`: one broker and one cluster for a whole
 //!   `scripts/test` run, announced to every test process through the environment below.
@@ -68,6 +70,7 @@ macro_rules! url_newtype {
 }
 
 pub mod bench;
+pub mod definitions;
 pub mod demo;
 pub mod deploy;
 pub mod faults;
