@@ -93,8 +93,16 @@ async fn metrics_agree_with_the_stores() {
         m.sum("recheck_parked_total", &[("reason", "invalid_json")]) >= 1.0
     })
     .await;
-    let confirms_rows = count(&callback_db, "SELECT COUNT(*) FROM confirms").await;
-    assert_eq!(cb.sum("recheck_confirms_total", &[]), confirms_rows, "confirms ingested vs rows\n{cb}");
+    // A `processed` confirm is sent once per message (the inbox makes any later one a
+    // `duplicate`), so those match the rows exactly. A `duplicate` or a repeated `rejected` can
+    // arrive for a row that exists (a consumer lagging past the check delay gets a resend): the
+    // store keeps one row per (message, consumer), the counter counts every confirm.
+    let rows = count(&callback_db, "SELECT COUNT(*) FROM confirms").await;
+    let processed_rows =
+        count(&callback_db, "SELECT COUNT(*) FROM confirms WHERE outcome = 'processed'").await;
+    let processed = [("consumer", "points"), ("outcome", "processed")];
+    assert_eq!(cb.sum("recheck_confirms_total", &processed), processed_rows, "processed confirms\n{cb}");
+    assert!(cb.sum("recheck_confirms_total", &[]) >= rows, "fewer confirms ingested than rows\n{cb}");
     let resend_count =
         count(&callback_db, "SELECT CAST(COALESCE(SUM(resend_count), 0) AS BIGINT) FROM messages").await;
     assert_eq!(cb.sum("recheck_resends_total", &[("outcome", "resent")]), resend_count, "resends\n{cb}");
@@ -105,12 +113,12 @@ async fn metrics_agree_with_the_stores() {
         "one latency sample per RPC\n{cb}"
     );
     assert!(cb.sum("recheck_checks_total", &[("result", "void")]) >= n("void_aborted") as f64, "{cb}");
-    let first_confirms =
-        count(&callback_db, "SELECT COUNT(*) FROM confirms WHERE outcome <> 'duplicate'").await;
+    let first_confirms = cb.sum("recheck_confirms_total", &[("outcome", "processed")])
+        + cb.sum("recheck_confirms_total", &[("outcome", "rejected")]);
     assert_eq!(
         cb.sum("recheck_confirm_latency_seconds_count", &[("consumer", "points")]),
         first_confirms,
-        "one publish-to-confirmed sample per first confirm\n{cb}"
+        "one publish-to-confirmed sample per confirm that is not a duplicate\n{cb}"
     );
     assert_eq!(
         cb.sum("recheck_parked_total", &[("queue", "recheck.confirms"), ("reason", "invalid_json")]),
@@ -134,7 +142,10 @@ async fn metrics_agree_with_the_stores() {
     // The producer.
     let up = scrape(&d, Role::Upstream).await.unwrap();
     let orders = [("producer", "orders")];
-    assert_eq!(up.sum("recheck_prepared_total", &orders), (n("created") + n("aborted")) as f64, "{up}");
+    // A CreateOrder the load saw fail may still have prepared its message.
+    let prepared = up.sum("recheck_prepared_total", &orders);
+    let answered = (n("created") + n("aborted")) as f64;
+    assert!((answered..=answered + n("create_errors") as f64).contains(&prepared), "{report}\n{up}");
     assert_eq!(up.sum("recheck_business_published_total", &[("kind", "original")]), n("published") as f64);
     let hook_resent =
         count(&orders_db, "SELECT COUNT(*) FROM hook_calls WHERE outcome = 'RESEND_OUTCOME_RESENT'").await;
@@ -232,7 +243,8 @@ async fn sigterm_under_load_exits_in_time_and_loses_nothing() {
     let report = recheck_tests::deploy::finish_load(running).await.unwrap();
     let verdict = d.wait_settled(Duration::from_secs(120)).await.unwrap();
     eprintln!("{}", serde_json::to_string_pretty(&verdict).unwrap());
-    assert!(report["created"].as_u64().unwrap() > 1_000, "{report}");
+    // Orders created while upstream-demo was down fail at the client; most get through.
+    assert!(report["created"].as_u64().unwrap() > 600, "{report}");
     assert_eq!(verdict.lost, 0, "{verdict:?}");
     assert!(verdict.settled(), "{verdict:?}");
     assert_eq!(verdict.points, verdict.confirmed, "{verdict:?}");
