@@ -7,7 +7,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_subscriber::{
     EnvFilter, Layer,
-    filter::LevelFilter,
+    filter::{LevelFilter, Targets},
     fmt::{MakeWriter, format::JsonFields},
     layer::SubscriberExt,
     util::SubscriberInitExt,
@@ -67,8 +67,9 @@ pub struct TraceGuard {
 
 impl Drop for TraceGuard {
     fn drop(&mut self) {
+        // Bounded, so an unreachable collector cannot hold up the exit.
         if self.exporting
-            && let Err(e) = self.provider.shutdown()
+            && let Err(e) = self.provider.shutdown_with_timeout(std::time::Duration::from_secs(5))
         {
             eprintln!("flushing spans: {e}");
         }
@@ -131,7 +132,10 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     // Spans get ids at INFO whatever the log filter: propagation does not depend on verbosity.
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(LevelFilter::INFO);
+    // OpenTelemetry's own log events (feature `otlp`) reach the log layer only, never a span.
+    let traced =
+        Targets::new().with_default(LevelFilter::INFO).with_target("opentelemetry", LevelFilter::OFF);
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(traced);
     let logs = match format {
         // Colour codes only for a person at a terminal, not in log files and collectors.
         LogFormat::Text => {
