@@ -32,5 +32,5 @@ async fn every_scenario_completes_and_loses_nothing() {
     }
     assert_eq!(report.callback_rates.len(), 2, "callback rates on both stores");
     assert_eq!(report.backlog.len(), 4, "two backlogs on both stores");
-    assert!(report.backlog.iter().all(|b| b.handled > 0 && b.peak_rss_bytes > 0));
+    assert!(report.backlog.iter().all(|b| b.taken > 0 && b.peak_rss_bytes > 0));
 }

@@ -5,7 +5,7 @@
 //!   whose producer hook is down (each check: claim, a failing RPC, the next check published
 //!   into the 1 h tier) — what a producer outage looks like. Memory must not follow N.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use anyhow::{Context, Result};
 use lapin::BasicProperties;
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
-    Env, broker, count_rows,
+    Env, broker,
     process::Process,
     procfs::{self, Meter, Target},
     recheck_flow::CallbackStore,
@@ -31,6 +31,7 @@ const CHECK_PREFETCH: u64 = 256;
 
 /// A fresh vhost and store, the topology declared, and a publisher to fill queues with.
 struct Stage {
+    vhost: String,
     amqp_url: String,
     database_url: String,
     topology: Topology,
@@ -41,7 +42,7 @@ struct Stage {
 
 impl Stage {
     async fn new(env: &Env<'_>, store: CallbackStore, name: &str, tiers: &str) -> Result<Self> {
-        let vhost = env.rabbit.fresh_vhost().await?;
+        let vhost = env.fresh_vhost().await?;
         let dir = env.options.out.join(format!("callback-{name}-{}", store.label().to_lowercase()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -53,7 +54,15 @@ impl Stage {
         let topology = Topology::new("recheck", parse_tiers(tiers).map_err(anyhow::Error::msg)?);
         let publisher = broker::publisher(&vhost.url, "bench-fill").await?;
         topology.declare(&publisher.create_channel().await?).await?;
-        Ok(Self { amqp_url: vhost.url, database_url, topology, publisher, dir, tiers: tiers.into() })
+        Ok(Self {
+            vhost: vhost.name,
+            amqp_url: vhost.url,
+            database_url,
+            topology,
+            publisher,
+            dir,
+            tiers: tiers.into(),
+        })
     }
 
     /// Starts the callback service binary and waits until it has built (store migrated, gRPC bound).
@@ -71,6 +80,8 @@ impl Stage {
                 ("RECHECK_PRODUCERS", format!("orders=http://127.0.0.1:{hook}")),
                 ("RECHECK_DELAY_TIERS", self.tiers.clone()),
                 ("RECHECK_LOG", "error".into()),
+                // Any free port for the ops listener (/metrics): others may run beside it.
+                ("RECHECK_OPS_ADDR", "127.0.0.1:0".into()),
             ],
             self.dir.join(log),
         )?;
@@ -149,21 +160,87 @@ pub async fn rates(env: &Env<'_>, store: CallbackStore) -> Result<CallbackRates>
         .context("confirm ingest")?;
     let ingest = meter.finish(n).await.remove(0);
     service.terminate(Duration::from_secs(30)).await?;
+    let pool = &pool;
     let confirms_per_s = n as f64 * 1000.0 / (last_ms - started_ms).max(1) as f64;
 
     // Checks of those (confirmed) messages. The first check of a message fills in the producer's
-    // fields of a row its confirm created; that write is also how the bench sees each one done.
+    // fields of a row its confirm created (a write); that is also how the bench sees it done.
+    let filled = "SELECT COUNT(*) FROM messages WHERE producer <> ''";
+    let first = check_pass(env, &stage, &ids, "checks.log", |deadline| async move {
+        wait_rows(
+            pool,
+            filled,
+            n,
+            Duration::from_millis(50),
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .await
+        .map(drop)
+    })
+    .await
+    .context("checks")?;
+    // Again: every row is complete now, so a check is one read and the ack. Nothing in the store
+    // changes; the end is an empty queue, unacked deliveries included (`rabbitmqctl`, coarse).
+    let stage = &stage;
+    let again = check_pass(env, stage, &ids, "checks-again.log", |deadline| async move {
+        queue_empty(env, stage, deadline).await
+    })
+    .await
+    .context("checks again")?;
+    pool.close().await;
+    stage.publisher.close().await;
+
+    Ok(CallbackRates {
+        store: store.label().into(),
+        confirms: n,
+        confirms_per_s,
+        checks: n,
+        checks_per_s: first.per_s,
+        checks_timing: first.timing,
+        checks_again_per_s: again.per_s,
+        checks_again_timing: again.timing,
+        ingest_cpu_s_per_1k: ingest.cpu_s_per_1k,
+        checks_cpu_s_per_1k: first.cpu_s_per_1k,
+        checks_again_cpu_s_per_1k: again.cpu_s_per_1k,
+        peak_rss_bytes: [ingest.peak_rss_bytes.unwrap_or(0), first.peak_rss_bytes, again.peak_rss_bytes]
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+    })
+}
+
+/// One timed run of the callback service over a pre-filled checks queue.
+struct CheckPass {
+    per_s: f64,
+    timing: String,
+    cpu_s_per_1k: f64,
+    peak_rss_bytes: u64,
+}
+
+/// Fills the checks queue with a check per id, starts the service and times it until `done`.
+async fn check_pass<F, Fut>(
+    env: &Env<'_>,
+    stage: &Stage,
+    ids: &[Uuid],
+    log: &str,
+    done: F,
+) -> Result<CheckPass>
+where
+    F: FnOnce(Instant) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let (n, per_message) = (ids.len() as u64, env.options.ids_per_message);
     stage.fill_checks(ids.iter().copied(), ids.len(), per_message).await?;
     let channel = stage.publisher.create_channel().await?;
     let queue = stage.topology.checks_queue();
     let messages = broker::ready(&channel, &queue).await?;
-    let mut service = stage.start_service(env, "checks.log").await?;
+    let mut service = stage.start_service(env, log).await?;
     let started = Instant::now();
     let meter = Meter::start(vec![("callback-service".into(), Target::Fresh(service.pid()?))]);
     // Timed by the queue depth while the prefetch window is full: from then on a delivery leaves
     // the queue exactly when an earlier one was acked.
     let mut slope_from: Option<(Instant, u64)> = None;
-    let deadline = started + o.deadline;
+    let deadline = started + env.options.deadline;
     let emptied = loop {
         let left = broker::ready(&channel, &queue).await?;
         if slope_from.is_none() && left + CHECK_PREFETCH < messages && left > 0 {
@@ -173,36 +250,42 @@ pub async fn rates(env: &Env<'_>, store: CallbackStore) -> Result<CallbackRates>
             break Instant::now();
         }
         service.ensure_running()?;
-        anyhow::ensure!(Instant::now() < deadline, "checks: {left} CHECK messages left at the deadline");
+        anyhow::ensure!(Instant::now() < deadline, "{left} CHECK messages left at the deadline");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let filled = "SELECT COUNT(*) FROM messages WHERE producer <> ''";
-    wait_rows(&pool, filled, n, Duration::from_millis(50), o.deadline).await.context("checks")?;
-    let done = started.elapsed();
-    let checks = meter.finish(n).await.remove(0);
-    let peak = procfs::peak_rss_bytes(service.pid()?).unwrap_or(0);
+    done(deadline).await?;
+    let elapsed = started.elapsed();
+    let cost = meter.finish(n).await.remove(0);
+    let peak_rss_bytes = procfs::peak_rss_bytes(service.pid()?).unwrap_or(0);
     service.terminate(Duration::from_secs(30)).await?;
-    pool.close().await;
-    stage.publisher.close().await;
-
-    let (checks_per_s, checks_timing) = match slope_from {
+    let (per_s, timing) = match slope_from {
         Some((from, left)) if left * per_message as u64 >= n / 4 => (
             (left * per_message as u64) as f64 / (emptied - from).as_secs_f64().max(1e-3),
             "queue-depth slope".to_owned(),
         ),
-        _ => (n as f64 / done.as_secs_f64().max(1e-3), "start to last row".to_owned()),
+        _ => (n as f64 / elapsed.as_secs_f64().max(1e-3), "start to end".to_owned()),
     };
-    Ok(CallbackRates {
-        store: store.label().into(),
-        confirms: n,
-        confirms_per_s,
-        checks: n,
-        checks_per_s,
-        checks_timing,
-        ingest_cpu_s_per_1k: ingest.cpu_s_per_1k,
-        checks_cpu_s_per_1k: checks.cpu_s_per_1k,
-        peak_rss_bytes: peak.max(ingest.peak_rss_bytes.unwrap_or(0)),
-    })
+    Ok(CheckPass { per_s, timing, cpu_s_per_1k: cost.cpu_s_per_1k, peak_rss_bytes })
+}
+
+/// Waits until the checks queue holds nothing, delivered-but-unacked included.
+async fn queue_empty(env: &Env<'_>, stage: &Stage, deadline: Instant) -> Result<()> {
+    let queue = stage.topology.checks_queue();
+    loop {
+        let listed = env
+            .rabbit
+            .ctl(&["list_queues", "-q", "--no-table-headers", "-p", &stage.vhost, "name", "messages"])
+            .await?;
+        let left = listed
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{queue}\t"))?.trim().parse::<u64>().ok())
+            .context("the checks queue is not listed")?;
+        if left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{left} CHECK messages left at the deadline");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A message id the backlog's rows and checks share (valid UUID text, easy to generate in SQL).
@@ -236,6 +319,9 @@ pub async fn backlog(env: &Env<'_>, store: CallbackStore, pending: u64) -> Resul
     sqlx::query(sql).bind(pending as i64).bind(now_ms()).execute(migrated.pool()).await?;
     migrated.pool().close().await;
     stage.fill_checks((0..pending).map(backlog_id), pending as usize, o.ids_per_message).await?;
+    let channel = stage.publisher.create_channel().await?;
+    let queue = stage.topology.checks_queue();
+    let before = broker::ready(&channel, &queue).await?;
 
     let mut service = stage.start_service(env, "backlog.log").await?;
     let pid = service.pid()?;
@@ -248,9 +334,9 @@ pub async fn backlog(env: &Env<'_>, store: CallbackStore, pending: u64) -> Resul
     let window = started.elapsed();
     let end_rss = procfs::rss_bytes(pid).unwrap_or(0);
     let peak = procfs::peak_rss_bytes(pid).unwrap_or(0);
-    let (pool, _) = recheck::db::connect(&stage.database_url).await?;
-    let handled = count_rows(&pool, "SELECT COUNT(*) FROM messages WHERE attempt > 0").await?;
-    pool.close().await;
+    // Taken = left the queue: handled, or in the prefetch window. (A check's row does not show
+    // it: while the hook is down the circuit breaker defers checks without touching the row.)
+    let left = broker::ready(&channel, &queue).await?;
     service.terminate(Duration::from_secs(60)).await?;
     stage.publisher.close().await;
     Ok(Backlog {
@@ -258,7 +344,7 @@ pub async fn backlog(env: &Env<'_>, store: CallbackStore, pending: u64) -> Resul
         pending,
         peak_rss_bytes: peak,
         end_rss_bytes: end_rss,
-        handled: u64::try_from(handled).unwrap_or(0),
+        taken: before.saturating_sub(left) * o.ids_per_message as u64,
         window_s: window.as_secs_f64(),
     })
 }

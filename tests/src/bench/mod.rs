@@ -138,9 +138,28 @@ pub struct Env<'a> {
     pub options: BenchOptions,
     broker_pid: Option<u32>,
     postgres_pid: Option<u32>,
+    /// Vhosts made for the part running now, deleted when it ends.
+    vhosts: std::sync::Mutex<Vec<String>>,
 }
 
 impl Env<'_> {
+    /// A new vhost for the part running now.
+    async fn fresh_vhost(&self) -> Result<crate::Vhost> {
+        let vhost = self.rabbit.fresh_vhost().await?;
+        self.vhosts.lock().expect("vhosts lock").push(vhost.name.clone());
+        Ok(vhost)
+    }
+
+    /// Deletes the vhosts of the part that ended, so the next part starts on an empty node.
+    async fn release_vhosts(&self) {
+        let names = std::mem::take(&mut *self.vhosts.lock().expect("vhosts lock"));
+        for name in names {
+            if let Err(e) = self.rabbit.ctl(&["delete_vhost", &name]).await {
+                eprintln!("bench: deleting vhost {name}: {e:#}");
+            }
+        }
+    }
+
     /// The bench process itself (named `me`) and the servers.
     fn targets(&self, me: &str, postgres: bool) -> Vec<(String, Target)> {
         let mut targets = vec![(me.to_owned(), Target::Shared(std::process::id()))];
@@ -152,7 +171,7 @@ impl Env<'_> {
     fn server_targets(&self, postgres: bool) -> Vec<(String, Target)> {
         let mut targets = Vec::new();
         if let Some(pid) = self.broker_pid {
-            targets.push(("rabbitmq".to_owned(), Target::Shared(pid)));
+            targets.push(("rabbitmq (whole node)".to_owned(), Target::Shared(pid)));
         }
         if let (true, Some(pid)) = (postgres, self.postgres_pid) {
             targets.push(("postgres (all backends)".to_owned(), Target::Forking(pid)));
@@ -179,6 +198,7 @@ pub async fn run(
         bench_exe: bench_exe.to_owned(),
         broker_pid: port(&kit.rabbit.url(""), 5672).and_then(procfs::listener_pid),
         postgres_pid: port(kit.postgres.admin_url(), 5432).and_then(procfs::listener_pid),
+        vhosts: Default::default(),
         options,
     };
     std::fs::create_dir_all(&env.options.out)?;
@@ -211,7 +231,9 @@ pub async fn run(
         }
         eprintln!("bench: {name}");
         let started = Instant::now();
-        match step.await {
+        let result = step.await;
+        env.release_vhosts().await;
+        match result {
             Ok(scenario) => {
                 eprintln!(
                     "bench: {name}: {:.0} msgs/s, create p99 {:.1} ms, lost {} ({:.0?} in all)",
@@ -230,7 +252,9 @@ pub async fn run(
     if env.options.runs(Part::Callback) {
         for store in stores {
             eprintln!("bench: callback service alone ({})", store.label());
-            match callback::rates(&env, store).await {
+            let result = callback::rates(&env, store).await;
+            env.release_vhosts().await;
+            match result {
                 Ok(rates) => callback_rates.push(rates),
                 Err(e) => note(&format!("callback rates ({})", store.label()), e),
             }
@@ -241,7 +265,9 @@ pub async fn run(
         for store in stores {
             for &pending in &env.options.backlog {
                 eprintln!("bench: callback backlog of {pending} ({})", store.label());
-                match callback::backlog(&env, store, pending).await {
+                let result = callback::backlog(&env, store, pending).await;
+                env.release_vhosts().await;
+                match result {
                     Ok(b) => backlog.push(b),
                     Err(e) => note(&format!("callback backlog {pending} ({})", store.label()), e),
                 }

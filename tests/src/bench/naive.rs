@@ -53,7 +53,7 @@ struct Tally {
 pub async fn run(env: &Env<'_>) -> Result<Scenario> {
     let o = &env.options;
     let (n, warm) = (o.messages, o.offered_orders);
-    let vhost = env.rabbit.fresh_vhost().await?;
+    let vhost = env.fresh_vhost().await?;
     let delay = o.check_delay;
     let topology = Topology::new("naive", vec![delay]);
     let producer = broker::publisher(&vhost, "bench-naive-producer").await?;
@@ -146,7 +146,8 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
         extra_producer_db_writes_per_msg: 0.0,
         processes,
         notes: vec![format!(
-            "create = CHECK then business message, each until its broker confirm, {} in flight; \
+            "broker only, no database (the checker keeps its state in memory); create = CHECK then \
+             business message, each until its broker confirm, {} in flight; \
              check delay {delay:?}; {} checks arrived before their confirm (a naive checker resends those)",
             o.window, t.early_checks
         )],

@@ -22,7 +22,7 @@ const POINTS: &str = "SELECT COUNT(*) FROM points";
 
 pub async fn run(env: &Env<'_>) -> Result<Scenario> {
     let o = &env.options;
-    let vhost = env.rabbit.fresh_vhost().await?;
+    let vhost = env.fresh_vhost().await?;
     let dir = o.out.join("outbox");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -55,6 +55,8 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
             ("RECHECK_LOG", "warn".into()),
             // An outbox consumer sends no CONFIRM; the inbox + effect are the same as Recheck's.
             ("RECHECK_DROP_CONFIRM_RATE", "1".into()),
+            // Any free port for the ops listener (/metrics): others may run beside it.
+            ("RECHECK_OPS_ADDR", "127.0.0.1:0".into()),
         ],
         dir.join("downstream-demo.log"),
     )?;

@@ -29,7 +29,7 @@ const QUEUE: &str = "bench.raw";
 pub async fn run(env: &Env<'_>) -> Result<Scenario> {
     let o = &env.options;
     let (n, warm) = (o.messages, o.offered_orders);
-    let vhost = env.rabbit.fresh_vhost().await?;
+    let vhost = env.fresh_vhost().await?;
     let producer = broker::publisher(&vhost, "bench-raw-producer").await?;
     let consumer = broker::publisher(&vhost, "bench-raw-consumer").await?;
     declare_quorum(&producer.create_channel().await?, QUEUE).await?;
@@ -82,8 +82,8 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
         extra_producer_db_writes_per_msg: 0.0,
         processes,
         notes: vec![format!(
-            "create = one publish until its broker confirm, {} in flight; consumer prefetch 256, \
-             ack(multiple) per batch",
+            "broker only, no database; create = one publish until its broker confirm, {} in flight; \
+             consumer prefetch 256, ack(multiple) per batch",
             o.window
         )],
     })

@@ -35,7 +35,7 @@ const CONFIRMED: &str = "SELECT COUNT(*) FROM messages WHERE status = 'confirmed
 
 pub async fn run(env: &Env<'_>, store: CallbackStore) -> Result<Scenario> {
     let o = &env.options;
-    let vhost = env.rabbit.fresh_vhost().await?;
+    let vhost = env.fresh_vhost().await?;
     let callback_database_url = match store {
         CallbackStore::Sqlite => None,
         CallbackStore::Postgres => Some(env.postgres.fresh_database().await?.url),
