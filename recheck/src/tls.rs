@@ -198,3 +198,33 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 mod args;
 #[cfg(feature = "service")]
 pub use args::{AmqpTlsArgs, ClientTlsArgs, ServerTlsArgs};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_urls_get_tls_and_http_stays_plain() {
+        let tls = ClientTls::default();
+        assert!(tls.endpoint("http://127.0.0.1:1").is_ok());
+        assert!(tls.endpoint("https://localhost:1").is_ok());
+        assert!(matches!(tls.endpoint("not a url"), Err(TlsError::Url { .. })));
+        assert_eq!(format!("{tls:?}"), r#"ClientTls { ca: "webpki roots", client_cert: false }"#);
+    }
+
+    #[test]
+    fn missing_and_non_pem_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("recheck-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let missing = dir.join("missing.pem");
+        let e = ServerTls::load(&missing, &not_pem, None).unwrap_err();
+        assert!(matches!(e, TlsError::Read { .. }) && e.to_string().contains("missing.pem"), "{e}");
+        let e = ClientTls::load(Some(&not_pem), None).unwrap_err();
+        assert!(matches!(e, TlsError::NotPem { .. }) && e.to_string().contains("not.pem"), "{e}");
+        let e = AmqpTls::load(Some(&not_pem), None).unwrap_err();
+        assert!(matches!(e, TlsError::NotPem { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -78,7 +78,7 @@ async fn no_configuration_prints_a_secret() {
     let publisher = cli.config.broker.publisher_config("secrets-test").unwrap();
     assert_eq!(publisher.amqp_urls.len(), 2);
     assert_no_secret("PublisherConfig", &format!("{publisher:?}"));
-    assert_no_secret("SecretUrl Display", &cli.config.broker.amqp_url.to_string());
+    assert_no_secret("SecretUrl Display", &format!("{}", cli.config.broker.amqp_url));
     let registry = callback_service::registry::ProducerRegistry::from_config(&cli.config).unwrap();
     assert_no_secret("ProducerRegistry", &format!("{registry:?}"));
 

@@ -26,7 +26,7 @@ pub enum Command {
     Serve(Box<Config>),
     /// Create orders on a running service (with injected faults), wait until the callback
     /// service settles each message, and report delivered / void / failed / lost.
-    Load(LoadConfig),
+    Load(Box<LoadConfig>),
 }
 
 #[cfg(test)]

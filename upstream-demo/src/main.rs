@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
     let config = match cli.command {
         Some(Command::Load(config)) => {
             // No log subscriber: it would write to stdout, where the report goes.
-            if let Err(e) = load::run(config).await {
+            if let Err(e) = load::run(*config).await {
                 eprintln!("error: {e:#}");
                 std::process::exit(1);
             }

@@ -92,3 +92,39 @@ fn identity<'a>(
         _ => Err(TlsError::Incomplete("a client certificate needs its key, and the key its certificate")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerTlsArgs,
+        #[command(flatten)]
+        client: ClientTlsArgs,
+        #[command(flatten)]
+        amqp: AmqpTlsArgs,
+    }
+
+    #[test]
+    fn certificates_come_with_their_keys() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(cli.server.load().unwrap().is_none());
+        assert!(cli.client.load().is_ok() && cli.amqp.load().is_ok());
+        for lone in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"],
+            &["--tls-client-ca", "ca.pem"],
+            &["--tls-client-cert", "c.pem"],
+            &["--amqp-tls-key", "k.pem"],
+        ] {
+            let args = std::iter::once("x").chain(lone.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err(), "{lone:?} alone was accepted");
+        }
+        let half = ServerTlsArgs { tls_cert: Some("c.pem".into()), ..Default::default() };
+        assert!(matches!(half.load(), Err(TlsError::Incomplete(_))));
+    }
+}

@@ -133,7 +133,7 @@ mod tests {
     fn load_config(args: &[&str]) -> LoadConfig {
         let args = ["upstream-demo", "load"].iter().chain(args);
         match Cli::try_parse_from(args).unwrap().command {
-            Some(Command::Load(config)) => config,
+            Some(Command::Load(config)) => *config,
             other => panic!("not a load command: {other:?}"),
         }
     }
