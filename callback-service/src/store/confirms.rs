@@ -23,7 +23,12 @@ impl Store {
         let mut report = IngestReport { confirms: batch.len(), ..Default::default() };
         let now = now_ms();
         let mut tx = self.begin().await?;
-        for (consumer, confirm) in batch {
+        // Rows are locked in one order (message id, consumer) by every instance: two batches that
+        // share ids then queue behind each other instead of deadlocking (PostgreSQL aborts one
+        // of two crossed transactions, and its confirms come back later — after their checks).
+        let mut ordered: Vec<&(String, Confirm)> = batch.iter().collect();
+        ordered.sort_unstable_by(|a, b| (a.1.message_id, &a.0).cmp(&(b.1.message_id, &b.0)));
+        for (consumer, confirm) in ordered {
             apply_confirm(&mut tx, consumer, confirm, now, &mut report).await?;
         }
         tx.commit().await?;
@@ -65,45 +70,57 @@ async fn apply_confirm(
     .execute(&mut *tx)
     .await?;
 
-    let (status, expect, attempt): (String, Option<String>, i64) =
-        sqlx::query_as("SELECT status, expect, attempt FROM messages WHERE message_id = $1")
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?;
-    let from = Status::parse(&status).unwrap_or(Status::Pending);
-    if matches!(from, Status::Confirmed | Status::Rejected) {
-        return Ok(());
-    }
-    let (to, reason) = if confirm.outcome == Outcome::Rejected {
-        let detail = confirm.detail.as_deref().unwrap_or("no detail");
-        (Status::Rejected, format!("rejected by {consumer}: {detail}"))
-    } else if all_expected_confirmed(tx, &id, expect.as_deref()).await? {
-        let reason = match from {
-            Status::Failed | Status::Void => format!("late confirm by {consumer} (recovered)"),
-            _ => format!("confirmed by {consumer}"),
+    // The status is read, then moved conditionally on it. On PostgreSQL a check's outcome may
+    // commit in between (pending → resent): then the UPDATE matches nothing and we read again.
+    let mut tries = 0;
+    let (from, to, reason, attempt) = loop {
+        tries += 1;
+        let (status, expect, attempt): (String, Option<String>, i64) =
+            sqlx::query_as("SELECT status, expect, attempt FROM messages WHERE message_id = $1")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let from = Status::parse(&status).unwrap_or(Status::Pending);
+        if matches!(from, Status::Confirmed | Status::Rejected) {
+            return Ok(());
+        }
+        let (to, reason) = if confirm.outcome == Outcome::Rejected {
+            let detail = confirm.detail.as_deref().unwrap_or("no detail");
+            (Status::Rejected, format!("rejected by {consumer}: {detail}"))
+        } else if all_expected_confirmed(tx, &id, expect.as_deref()).await? {
+            let reason = match from {
+                Status::Failed | Status::Void => format!("late confirm by {consumer} (recovered)"),
+                _ => format!("confirmed by {consumer}"),
+            };
+            (Status::Confirmed, reason)
+        } else {
+            return Ok(());
         };
-        (Status::Confirmed, reason)
-    } else {
-        return Ok(());
+        let moved = sqlx::query(
+            "UPDATE messages SET status = $1, updated_at = $2 WHERE message_id = $3 AND status = $4",
+        )
+        .bind(to.as_str())
+        .bind(now)
+        .bind(&id)
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() == 1 {
+            break (from, to, reason, attempt);
+        }
+        if tries == 3 {
+            // Settled elsewhere meanwhile; the confirm row is stored either way.
+            return Ok(());
+        }
     };
-    let moved =
-        sqlx::query("UPDATE messages SET status = $1, updated_at = $2 WHERE message_id = $3 AND status = $4")
-            .bind(to.as_str())
-            .bind(now)
-            .bind(&id)
-            .bind(from.as_str())
-            .execute(&mut *tx)
-            .await?;
-    if moved.rows_affected() == 1 {
-        let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
-        record_transition(tx, &id, Some(from), to, attempt, &reason, now).await?;
-        match to {
-            Status::Rejected => report.rejected += 1,
-            _ => {
-                report.confirmed += 1;
-                if matches!(from, Status::Failed | Status::Void) {
-                    report.recovered += 1;
-                }
+    let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+    record_transition(tx, &id, Some(from), to, attempt, &reason, now).await?;
+    match to {
+        Status::Rejected => report.rejected += 1,
+        _ => {
+            report.confirmed += 1;
+            if matches!(from, Status::Failed | Status::Void) {
+                report.recovered += 1;
             }
         }
     }
