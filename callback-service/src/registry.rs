@@ -378,9 +378,9 @@ mod tests {
             ],
             Duration::from_secs(1),
             4,
+            &ClientTls::default(),
         )
         .unwrap();
-            &ClientTls::default(),
         let req = ResendRequest { message_id: "m".into(), producer: "fast".into(), ..Default::default() };
 
         let r = registry.client("fast").unwrap().resend(req.clone(), Duration::from_secs(5)).await.unwrap();

@@ -28,7 +28,12 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Points store and inbox: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = "sqlite://downstream-demo.db?mode=rwc")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "sqlite://downstream-demo.db?mode=rwc"
+    )]
     pub database_url: recheck::SecretUrl,
 
     /// Consumer name, written into each CONFIRM and matched against a check's `expect`.
@@ -132,6 +137,10 @@ pub fn parse_fraction(s: &str) -> Result<f64, String> {
     if (0.0..=1.0).contains(&f) { Ok(f) } else { Err(format!("{f} is not between 0.0 and 1.0")) }
 }
 
+fn parse_key(s: &str) -> Result<recheck::signing::SigningKey, String> {
+    recheck::signing::SigningKey::new(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,8 +174,4 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Serve(c)) if c.batch_size == 8));
         assert!(Cli::try_parse_from(["downstream-demo", "serve", "--batch-size", "0"]).is_err());
     }
-}
-
-fn parse_key(s: &str) -> Result<recheck::signing::SigningKey, String> {
-    recheck::signing::SigningKey::new(s)
 }
