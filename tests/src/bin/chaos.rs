@@ -101,9 +101,9 @@ async fn main() -> anyhow::Result<()> {
 
     std::fs::write(args.dir.join("report.json"), serde_json::to_string_pretty(&outcomes)?)?;
     println!(
-        "| fault | deferral | orders | committed | lost | duplicates absorbed | resent messages (share) | resends | failed | hook calls repeated | time to reconcile |"
+        "| fault | deferral | orders | committed | lost | pending | duplicates absorbed | resent messages (share) | resends | failed | hook calls repeated | time to reconcile |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for outcome in &outcomes {
         println!("{}", row(outcome));
     }
