@@ -17,7 +17,12 @@ pub struct Config {
     pub broker: recheck::service::BrokerArgs,
 
     /// Store: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = "sqlite://callback-service.db?mode=rwc")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "sqlite://callback-service.db?mode=rwc"
+    )]
     pub database_url: SecretUrl,
 
     /// Address of the gRPC listener (`Admin`, health); port 0 picks a free port.

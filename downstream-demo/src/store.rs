@@ -18,10 +18,9 @@ const POINTS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS points (
 
 /// Connects and creates the inbox and `points` tables if they are missing.
 pub async fn connect(url: &str) -> anyhow::Result<AnyPool> {
-    let (pool, _) =
-        recheck::db::connect(url).await.with_context(|| {
-            format!("opening the points store {}", recheck::secret::redact_url(url))
-        })?;
+    let (pool, _) = recheck::db::connect(url)
+        .await
+        .with_context(|| format!("opening the points store {}", recheck::secret::redact_url(url)))?;
     recheck::Inbox::migrate(&pool).await.context("creating the inbox table")?;
     sqlx::query(POINTS_SCHEMA).execute(&pool).await.context("creating the points table")?;
     Ok(pool)

@@ -14,7 +14,12 @@ pub struct Config {
     pub broker: recheck::service::BrokerArgs,
 
     /// Order store: `sqlite://…` (embedded) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = "sqlite://upstream-demo.db?mode=rwc")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "sqlite://upstream-demo.db?mode=rwc"
+    )]
     pub database_url: SecretUrl,
 
     /// Address of the gRPC listener (`Orders`, `ResendHook`, health); port 0 picks a free port.
