@@ -150,9 +150,13 @@ impl Env<'_> {
         Ok(vhost)
     }
 
-    /// Deletes the vhosts of the part that ended, so the next part starts on an empty node.
+    /// Deletes the vhosts of the part that ended, so the next part starts on an empty node. Not
+    /// for `--quick`: its queues are small, and each `rabbitmqctl` costs a second of CPU.
     async fn release_vhosts(&self) {
         let names = std::mem::take(&mut *self.vhosts.lock().expect("vhosts lock"));
+        if self.options.quick {
+            return;
+        }
         for name in names {
             if let Err(e) = self.rabbit.ctl(&["delete_vhost", &name]).await {
                 eprintln!("bench: deleting vhost {name}: {e:#}");
