@@ -87,6 +87,8 @@ impl Scenario {
             Fault::ConsumerDown => (0.2, 8),
             // Failover waits out the publisher's recovery timeout (15 s) first.
             Fault::NodeKilled => (0.3, 20),
+            // Short and early: CreateOrder fails while it is down, and the load must go on after.
+            Fault::ProducerKilled => (0.2, 1),
             _ => (0.3, 4),
         };
         Self {

@@ -89,9 +89,23 @@ async fn confirmed_before_the_check_needs_no_rpc(url: &str) {
     env.start_consumer().await;
     let id = env.order("o-1", true).await;
     env.wait_status(id, Status::Confirmed, SOON).await;
-    // The check (1 s tier) comes due after the confirm; it must end without an RPC.
+    // The check (1 s tier) comes due after the confirm; it must end without an RPC (and without
+    // a write: the store only reads a confirmed row). Handled = acked: no check queue holds a
+    // message, ready or unacked.
+    let kit = recheck_tests::kit().await;
     wait_for("the check to be handled", SOON, || async {
-        env.row(id).await.filter(|r| r.producer == "orders" && now_ms() - r.created_at > 2_500)
+        let listed = kit
+            .rabbit
+            .ctl(&["list_queues", "-q", "--no-table-headers", "-p", &env.vhost.name, "name", "messages"])
+            .await
+            .unwrap();
+        let checks: u64 = listed
+            .lines()
+            .filter(|l| l.starts_with("recheck.checks"))
+            .filter_map(|l| l.split('\t').nth(1)?.trim().parse::<u64>().ok())
+            .sum();
+        let due = env.row(id).await.is_some_and(|r| now_ms() - r.created_at > 2_500);
+        (due && checks == 0).then_some(())
     })
     .await;
     assert_eq!(env.hook.total_calls(), 0);

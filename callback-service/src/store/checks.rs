@@ -29,10 +29,12 @@ impl Store {
     /// on another instance, a purge) moves the row forward to it.
     pub async fn record_check(&self, producer: &str, check: &Check) -> Result<CheckView> {
         let id = id_text(check.message_id);
-        // Most checks find their row complete: a read, no write lock.
+        // Most checks find their row complete, or confirmed before the check came due (the
+        // usual case: nothing to fill in, nothing to decide): a read, no write lock. A confirmed
+        // row keeps what the confirm gave it; rejected and failed rows still take the producer
+        // fields, which a redrive needs.
         if let Some(row) = self.get(&id).await?
-            && !row.producer.is_empty()
-            && row.attempt >= check.attempt
+            && (row.status == Status::Confirmed || (!row.producer.is_empty() && row.attempt >= check.attempt))
         {
             return Ok(row);
         }
