@@ -333,10 +333,13 @@ impl Publisher {
         self.inner.link.read().expect("link lock").clone()
     }
 
-    /// Closes the connection after in-flight publishes returned.
+    /// Closes the connection after in-flight publishes returned. Bounded: closing a connection
+    /// whose recovery is stuck can wait forever, and a service must still exit on SIGTERM.
     pub async fn close(&self) {
-        if let Err(e) = self.link().connection.close(200, "bye".into()).await {
-            tracing::debug!(error = %e, "closing publisher connection");
+        match timeout(Duration::from_secs(5), self.link().connection.close(200, "bye".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "closing publisher connection"),
+            Err(_) => tracing::warn!("the broker connection did not close within 5 s; leaving it"),
         }
     }
 }

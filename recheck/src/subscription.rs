@@ -117,7 +117,9 @@ impl Subscription {
 
     /// Stops consuming; unacked deliveries go back to the queue.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "shutdown".into()).await;
+        // Bounded, like `Publisher::close`: a channel on a stuck connection may never answer.
+        let closing = self.channel.close(200, "shutdown".into());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
     }
 }
 
