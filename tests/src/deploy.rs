@@ -8,7 +8,6 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     process::Stdio,
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -337,7 +336,9 @@ impl Deployment {
         match role {
             Role::Callback(i) => wait_for_port(self.callback_ports[i], deadline, &log).await,
             Role::Upstream => wait_for_port(self.orders_port, deadline, &log).await,
-            Role::Downstream => wait_for_consumer(&self.amqp_url, deadline, &log).await,
+            Role::Downstream => wait_for_consumer(&self.amqp_url, CONSUMER_QUEUE, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("downstream-demo log:\n{}", crate::watchdog::tail(&log, 20))),
         }
     }
 
@@ -569,25 +570,25 @@ async fn wait_for_port(port: u16, deadline: Instant, log: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The consumer is up once its queue has a consumer (asked over AMQP, so it works on any broker).
-async fn wait_for_consumer(amqp_url: &str, deadline: Instant, log: &Path) -> Result<()> {
+/// Waits until `queue` has a consumer (asked over AMQP, so it works on any broker; with several
+/// URLs, the first). Also how the benchmark knows its consumer is up.
+pub async fn wait_for_consumer(amqp_url: &str, queue: &str, within: Duration) -> Result<()> {
     let url = amqp_url.split(',').next().unwrap_or(amqp_url).trim();
+    let deadline = Instant::now() + within;
     let connection = recheck::publisher::connect(url, "deploy-probe").await?;
     let result = async {
         loop {
             let channel = connection.create_channel().await?;
             let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
             // Passive declare of a missing queue closes the channel: a fresh one per round.
-            if let Ok(queue) = channel.queue_declare(CONSUMER_QUEUE.into(), options, Default::default()).await
-                && queue.consumer_count() > 0
+            if let Ok(q) = channel.queue_declare(queue.into(), options, Default::default()).await
+                && q.consumer_count() > 0
             {
                 return Ok(());
             }
             let _ = channel.close(200, "probe".into()).await;
-            if Instant::now() > deadline {
-                bail!("downstream-demo is not consuming; log:\n{}", crate::watchdog::tail(log, 20));
-            }
-            sleep(Duration::from_millis(200)).await;
+            anyhow::ensure!(Instant::now() < deadline, "nothing consumes {queue} after {within:?}");
+            sleep(Duration::from_millis(100)).await;
         }
     }
     .await;
@@ -595,34 +596,11 @@ async fn wait_for_consumer(amqp_url: &str, deadline: Instant, log: &Path) -> Res
     result
 }
 
-/// CPU seconds (user + system) and peak RSS of a live process, from `/proc`.
+/// CPU seconds (user + system) and peak RSS of a live process (the bench's `/proc` reader).
 fn proc_usage(pid: u32) -> Option<Usage> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start at ") ".
-    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Usage { cpu_seconds: ticks as f64 / clock_ticks() as f64, peak_rss_bytes: hwm_kb * 1024 })
-}
-
-/// `sysconf(_SC_CLK_TCK)`, asked of `getconf` once (100 on every Linux we know).
-fn clock_ticks() -> u64 {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100)
+    use crate::bench::procfs;
+    Some(Usage {
+        cpu_seconds: procfs::cpu_seconds(procfs::Target::Fresh(pid))?,
+        peak_rss_bytes: procfs::peak_rss_bytes(pid)?,
     })
 }

@@ -340,27 +340,3 @@ async fn wait_rows(
 
 /// How often a scenario looks at a store while waiting for it to settle.
 const POLL: Duration = Duration::from_millis(100);
-
-/// Waits until `queue` has a consumer (the consumer service is up).
-async fn wait_for_consumer(amqp_url: &str, queue: &str, within: Duration) -> Result<()> {
-    let link = broker::publisher(amqp_url, "bench-probe").await?;
-    let deadline = Instant::now() + within;
-    let result = async {
-        loop {
-            // A passive declare of a missing queue closes the channel: a fresh one per round.
-            let channel = link.create_channel().await?;
-            let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-            if let Ok(q) = channel.queue_declare(queue.into(), options, Default::default()).await
-                && q.consumer_count() > 0
-            {
-                return Ok(());
-            }
-            let _ = channel.close(200, "probe".into()).await;
-            anyhow::ensure!(Instant::now() < deadline, "nothing consumes {queue} after {within:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    .await;
-    link.close().await;
-    result
-}

@@ -60,7 +60,7 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
         ],
         dir.join("downstream-demo.log"),
     )?;
-    super::wait_for_consumer(&vhost.url, CONSUMER_QUEUE, Duration::from_secs(60)).await?;
+    crate::deploy::wait_for_consumer(&vhost.url, CONSUMER_QUEUE, Duration::from_secs(60)).await?;
 
     let result = measure(env, &producer, &consumer, &orders_db, &points_db, port).await;
     let stopped_producer = producer.terminate(Duration::from_secs(20)).await;
