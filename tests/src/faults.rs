@@ -16,7 +16,6 @@ use crate::{
     deploy::{ConsumerFaults, DeployOptions, Deployment, LoadOptions, Role, Verdict},
     free_port,
     proxy::FaultProxy,
-    urls,
 };
 
 /// One row of the matrix.
@@ -193,7 +192,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
         Fault::BusinessDropped => load.skip_publish_rate = 0.1,
         Fault::ConfirmDropped => opts.consumer_faults.drop_confirm_rate = 0.1,
         Fault::ConnectionsCut | Fault::ConnectionsStalled => {
-            let proxy = FaultProxy::start(socket_addr(&vhost_url)?)?;
+            let proxy = FaultProxy::start_for(&vhost_url)?;
             opts.amqp_url = proxy.url_for(&vhost_url);
             amqp_proxy = Some(proxy);
         }
@@ -252,7 +251,7 @@ pub async fn run_mixed(
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let vhost = broker.rabbit.fresh_vhost().await?;
-    let proxy = FaultProxy::start(socket_addr(&vhost.url)?)?;
+    let proxy = FaultProxy::start_for(&vhost.url)?;
     let mut opts = DeployOptions::new(&scenario.dir, proxy.url_for(&vhost.url));
     opts.consumer_faults =
         ConsumerFaults { drop_confirm_rate: 0.02, fail_rate: 0.02, reject_rate: 0.01, slow_ms: 0 };
@@ -366,10 +365,4 @@ async fn bounce(deployment: &mut Deployment, role: Role, outage: Duration) -> Re
     deployment.kill(role).await?;
     sleep(outage).await;
     deployment.start_service(role).await
-}
-
-/// `host:port` of an AMQP URL as a socket address.
-fn socket_addr(url: &str) -> Result<SocketAddr> {
-    let host_port = urls::host_port(url, 5672);
-    host_port.parse().with_context(|| format!("{host_port:?} is not an IP socket address"))
 }

@@ -106,11 +106,11 @@ impl Store {
         if row.attempt != attempt {
             return Ok(false);
         }
+        if row.status.is_terminal() {
+            return self.finish_settled(tx, message_id, attempt, outcome, now).await;
+        }
         let a = i64::from(attempt);
         let (to, reason) = match outcome {
-            _ if row.status.is_terminal() => {
-                return self.finish_settled(tx, message_id, attempt, outcome, now).await;
-            }
             AttemptOutcome::Resent { next_check_at } => {
                 let done = sqlx::query(
                     "UPDATE messages SET status = 'resent', resend_count = resend_count + 1,
