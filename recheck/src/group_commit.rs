@@ -1,29 +1,39 @@
-//! Group commit: concurrent callers within a short linger share one broker
-//! message (one CHECK, one CONFIRM) and each waits for that message's confirm.
-//! This is what turns four broker enqueues per business message into about one.
+//! Group commit: concurrent callers share one broker message (one CHECK, one
+//! CONFIRM) and each waits for that message's confirm. This is what turns four
+//! broker enqueues per business message into about one.
+//!
+//! A batch leaves as soon as a flush slot is free, and gathers callers while
+//! every slot is busy: when idle a caller pays one confirm and no linger, under
+//! load the batches grow with the confirm latency (no timer decides the size).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{
+    Semaphore,
+    mpsc::{self, error::TryRecvError},
+    oneshot,
+};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::task::TaskTracker;
 
 use crate::{Error, Result};
 
-/// How long a batch may wait for company, and how big it may get.
+/// How big a batch may get, and how many are flushed at once.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
-    /// Wait at most this long after the first item before flushing.
+    /// Extra wait after the first item before a batch may leave (0: leave as soon as a
+    /// slot is free). Only worth setting when batch size matters more than latency.
     pub linger: Duration,
-    /// Flush as soon as this many items are gathered.
+    /// A batch leaves with at most this many items.
     pub max_items: usize,
-    /// Batches being flushed at once (each awaits its broker confirm).
+    /// Batches being flushed at once (each awaits its broker confirm). Few slots make big
+    /// batches under load; two let one batch gather while the other is confirmed.
     pub max_in_flight: usize,
 }
 
 impl Default for GroupCommitConfig {
     fn default() -> Self {
-        Self { linger: Duration::from_millis(5), max_items: 500, max_in_flight: 16 }
+        Self { linger: Duration::ZERO, max_items: 500, max_in_flight: 2 }
     }
 }
 
@@ -81,20 +91,50 @@ async fn gather<T, F, Fut>(
     Fut: Future<Output = Result<()>> + Send + 'static,
 {
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-    while let Some(first) = rx.recv().await {
+    let mut closed = false;
+    while let Some((items, waiter)) = rx.recv().await {
+        let mut batch = Batch { items, waiters: vec![waiter] };
+        let full = |b: &Batch<T>| b.items.len() >= config.max_items;
         let deadline = Instant::now() + config.linger;
-        let mut items = first.0;
-        let mut waiters = vec![first.1];
-        while items.len() < config.max_items {
+        while !config.linger.is_zero() && !full(&batch) {
             match timeout_at(deadline, rx.recv()).await {
-                Ok(Some((more, waiter))) => {
-                    items.extend(more);
-                    waiters.push(waiter);
+                Ok(Some(more)) => batch.take(more),
+                Ok(None) => {
+                    closed = true;
+                    break;
                 }
-                Ok(None) | Err(_) => break,
+                Err(_) => break,
             }
         }
-        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        // Wait for a slot, taking in callers meanwhile.
+        let permit = loop {
+            while !closed && !full(&batch) {
+                match rx.try_recv() {
+                    Ok(more) => batch.take(more),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => closed = true,
+                }
+            }
+            if closed || full(&batch) {
+                break in_flight.clone().acquire_owned().await;
+            }
+            tokio::select! {
+                biased;
+                permit = in_flight.clone().acquire_owned() => break permit,
+                more = rx.recv() => match more {
+                    Some(more) => batch.take(more),
+                    None => closed = true,
+                },
+            }
+        }
+        .expect("semaphore never closed");
+        // Callers that came in while the slot was being granted still make this batch.
+        while !full(&batch)
+            && let Ok(more) = rx.try_recv()
+        {
+            batch.take(more);
+        }
+        let Batch { items, waiters } = batch;
         let flush = flush.clone();
         tracker.spawn(async move {
             let result = flush(items).await.map_err(Arc::new);
@@ -104,6 +144,21 @@ async fn gather<T, F, Fut>(
             }
             drop(permit);
         });
+        if closed {
+            break;
+        }
+    }
+}
+
+struct Batch<T> {
+    items: Vec<T>,
+    waiters: Vec<Waiter>,
+}
+
+impl<T> Batch<T> {
+    fn take(&mut self, (items, waiter): (Vec<T>, Waiter)) {
+        self.items.extend(items);
+        self.waiters.push(waiter);
     }
 }
 
@@ -139,6 +194,58 @@ mod tests {
         assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 11);
         assert!(batches.len() < 11, "no batching happened: {batches:?}");
         assert_eq!(batches.last().unwrap(), &vec![99]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_caller_does_not_wait_for_company() {
+        let gc = GroupCommit::spawn(GroupCommitConfig::default(), |_items: Vec<u32>| async { Ok(()) });
+        let started = Instant::now();
+        gc.submit(1).await.unwrap();
+        // Paused clock: any timer on the way would have moved it.
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn callers_gather_while_every_slot_is_busy() {
+        let batches = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (seen, open) = (batches.clone(), gate.clone());
+        let config = GroupCommitConfig { max_in_flight: 1, ..Default::default() };
+        let gc = Arc::new(GroupCommit::spawn(config, move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items);
+            let open = open.clone();
+            async move {
+                open.acquire().await.unwrap().forget();
+                Ok(())
+            }
+        }));
+        let first = {
+            let gc = gc.clone();
+            tokio::spawn(async move { gc.submit(0).await })
+        };
+        wait_until(|| batches.lock().unwrap().len() == 1).await;
+        // Ten callers while the only slot is busy: queued or already gathered, not flushed.
+        let mut rest = Vec::new();
+        for i in 1..=10 {
+            let (done, wait) = oneshot::channel();
+            gc.tx.send((vec![i], done)).await.unwrap();
+            rest.push(wait);
+        }
+        gate.add_permits(2);
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        let batches = batches.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec![0], (1..=10).collect::<Vec<_>>()]);
+    }
+
+    async fn wait_until(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "condition not met within 5 s");
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test]
