@@ -4,7 +4,7 @@
 //! with `multiple`, because a transaction per message caps a consumer at a few
 //! thousand messages per second.
 
-use std::{future::Future, time::Duration};
+use std::{collections::HashMap, future::Future, time::Duration};
 
 use lapin::{
     message::Delivery,
@@ -12,11 +12,13 @@ use lapin::{
 };
 use sqlx::{Acquire, Any, AnyConnection, AnyPool, Transaction};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{Instrument, Span, level_filters::LevelFilter};
+use uuid::Uuid;
 
 use crate::{
     Confirmer, Inbox, Publisher, Result, Subscription, SubscriptionConfig, Topology,
     hook::BoxError,
+    inbox::Prior,
     message::{BusinessHeaders, Confirm, DecodeError, Outcome, now_ms},
     parking::park,
     telemetry, trace,
@@ -243,32 +245,30 @@ impl<E: Effect> ConsumerLoop<E> {
         }
     }
 
-    /// One transaction for the batch, one savepoint per message: a transient
-    /// failure rolls back only that message (which is nacked for redelivery),
-    /// so a batch costs the same however many of its messages fail.
+    /// One transaction for the batch. The happy path has no savepoints: one inbox claim
+    /// statement, the effects, commit. After a transient failure the transaction is rolled
+    /// back and the batch redone without that message, with a savepoint per message, so more
+    /// failures cost only themselves and no effect runs more than twice for one delivery.
+    /// Failed messages are nacked for redelivery once the transaction is over.
     async fn commit(
         &self,
         pending: &mut Vec<(Delivery, BusinessHeaders)>,
         report: &mut BatchReport,
     ) -> Result<Vec<Confirm>> {
+        let spans = per_message_spans();
         let mut tx = self.pool.begin().await?;
-        let mut confirms = Vec::with_capacity(pending.len());
-        let mut failed = Vec::new();
-        for (i, (d, h)) in pending.iter().enumerate() {
-            // One span per message, continuing the producer's trace from the message's headers.
-            let span = tracing::info_span!("process", message_id = %h.message_id, attempt = h.attempt);
-            trace::set_parent_from_headers(&span, d.properties.headers().as_ref());
-            match self.process(&mut tx, d, h, report).instrument(span).await? {
-                Some((outcome, detail)) => confirms.push(Confirm {
-                    message_id: h.message_id,
-                    outcome,
-                    detail,
-                    processed_at: now_ms(),
-                }),
-                None => failed.push(i),
+        let mut done = BatchReport::default();
+        let (confirms, failed) = match self.apply_all(&mut tx, pending, spans, &mut done).await? {
+            Ok(confirms) => (confirms, Vec::new()),
+            Err(first) => {
+                tx.rollback().await?;
+                tx = self.pool.begin().await?;
+                done = BatchReport::default();
+                self.apply_each(&mut tx, pending, first, spans, &mut done).await?
             }
-        }
+        };
         tx.commit().await?;
+        *report += done;
         // Only now: a redelivery must not find the batch's transaction still open.
         for i in failed.into_iter().rev() {
             let (d, _) = pending.remove(i);
@@ -278,6 +278,86 @@ impl<E: Effect> ConsumerLoop<E> {
         Ok(confirms)
     }
 
+    /// The happy path: all claims in one statement, the prior outcomes of duplicates in one
+    /// read, then the effects. `Err(i)`: message `i`'s effect failed; the caller rolls back.
+    async fn apply_all(
+        &self,
+        tx: &mut AnyConnection,
+        pending: &[(Delivery, BusinessHeaders)],
+        spans: bool,
+        report: &mut BatchReport,
+    ) -> Result<Result<Vec<Confirm>, usize>> {
+        let ids: Vec<Uuid> = pending.iter().map(|(_, h)| h.message_id).collect();
+        let mut first = self.inbox.claim_many(tx, &ids).await?;
+        // Ids claimed by an earlier batch: how they ended, in one read (none on the happy path).
+        let earlier: Vec<Uuid> = ids.iter().filter(|id| !first.contains(id)).copied().collect();
+        let mut prior =
+            if earlier.is_empty() { HashMap::new() } else { self.inbox.prior_many(tx, &earlier).await? };
+        let now = now_ms();
+        let mut confirms = Vec::with_capacity(pending.len());
+        for (i, (d, h)) in pending.iter().enumerate() {
+            let id = h.message_id;
+            let span = message_span(d, h, spans);
+            // The first copy of a first-seen id applies the effect; later copies are duplicates.
+            let (outcome, detail) = if first.remove(&id) {
+                match self.effect.apply(tx, &incoming(d, h)).instrument(span.clone()).await {
+                    Ok(Applied::Processed) => {
+                        report.processed += 1;
+                        (Outcome::Processed, None)
+                    }
+                    Ok(Applied::Rejected(reason)) => {
+                        self.inbox.mark_rejected(tx, id, &reason).await?;
+                        report.rejected += 1;
+                        // A later copy in this batch re-confirms the rejection, as a later batch would.
+                        prior.insert(id, Prior { outcome: Outcome::Rejected, detail: Some(reason.clone()) });
+                        (Outcome::Rejected, Some(reason))
+                    }
+                    Err(e) => {
+                        failed(d, h, span, &e);
+                        return Ok(Err(i));
+                    }
+                }
+            } else {
+                report.duplicates += 1;
+                match prior.get(&id) {
+                    Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail.clone()),
+                    _ => (Outcome::Duplicate, None),
+                }
+            };
+            span.in_scope(|| tracing::debug!(outcome = outcome.as_str(), "message handled"));
+            confirms.push(Confirm { message_id: id, outcome, detail, processed_at: now });
+        }
+        Ok(Ok(confirms))
+    }
+
+    /// The redo after a transient failure: every message but `skip` in its own savepoint.
+    /// Returns the confirms and the indices of the failed messages, `skip` among them.
+    async fn apply_each(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        pending: &[(Delivery, BusinessHeaders)],
+        skip: usize,
+        spans: bool,
+        report: &mut BatchReport,
+    ) -> Result<(Vec<Confirm>, Vec<usize>)> {
+        let mut confirms = Vec::with_capacity(pending.len());
+        let mut failed = vec![skip];
+        for (i, (d, h)) in pending.iter().enumerate().filter(|(i, _)| *i != skip) {
+            let span = message_span(d, h, spans);
+            match self.process(tx, d, h, &span, report).await? {
+                Some((outcome, detail)) => confirms.push(Confirm {
+                    message_id: h.message_id,
+                    outcome,
+                    detail,
+                    processed_at: now_ms(),
+                }),
+                None => failed.push(i),
+            }
+        }
+        failed.sort_unstable();
+        Ok((confirms, failed))
+    }
+
     /// One message in its own savepoint: its confirm, or `None` after a transient failure
     /// (rolled back; the caller nacks it once the batch's transaction is over).
     async fn process(
@@ -285,17 +365,12 @@ impl<E: Effect> ConsumerLoop<E> {
         tx: &mut Transaction<'static, Any>,
         d: &Delivery,
         h: &BusinessHeaders,
+        span: &Span,
         report: &mut BatchReport,
     ) -> Result<Option<(Outcome, Option<String>)>> {
         let mut one = tx.begin().await?;
         let (outcome, detail) = if self.inbox.claim(&mut one, h.message_id).await? {
-            let incoming = Incoming {
-                headers: h,
-                routing_key: d.routing_key.as_str(),
-                body: &d.data,
-                redelivered: d.redelivered,
-            };
-            match self.effect.apply(&mut one, &incoming).await {
+            match self.effect.apply(&mut one, &incoming(d, h)).instrument(span.clone()).await {
                 Ok(Applied::Processed) => {
                     report.processed += 1;
                     (Outcome::Processed, None)
@@ -307,7 +382,7 @@ impl<E: Effect> ConsumerLoop<E> {
                 }
                 Err(e) => {
                     one.rollback().await?;
-                    tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering");
+                    failed(d, h, span.clone(), &e);
                     return Ok(None);
                 }
             }
@@ -319,7 +394,34 @@ impl<E: Effect> ConsumerLoop<E> {
             }
         };
         one.commit().await?;
-        tracing::debug!(outcome = outcome.as_str(), "message handled");
+        span.in_scope(|| tracing::debug!(outcome = outcome.as_str(), "message handled"));
         Ok(Some((outcome, detail)))
     }
+}
+
+fn incoming<'a>(d: &'a Delivery, h: &'a BusinessHeaders) -> Incoming<'a> {
+    Incoming { headers: h, routing_key: d.routing_key.as_str(), body: &d.data, redelivered: d.redelivered }
+}
+
+/// Whether each message gets its own span: only when something can see it — spans are
+/// exported, or per-message (debug) lines are logged. Otherwise the batch's span is all: a span
+/// continued from the headers costs thousands of instructions a message for nothing.
+fn per_message_spans() -> bool {
+    trace::exporting() || LevelFilter::current() >= LevelFilter::DEBUG
+}
+
+/// A message's span, continuing the producer's trace from its headers; `Span::none()` if not `wanted`.
+fn message_span(d: &Delivery, h: &BusinessHeaders, wanted: bool) -> Span {
+    if !wanted {
+        return Span::none();
+    }
+    let span = tracing::info_span!("process", message_id = %h.message_id, attempt = h.attempt);
+    trace::set_parent_from_headers(&span, d.properties.headers().as_ref());
+    span
+}
+
+/// Logs a transient effect failure in the message's trace (a span made now if there was none: rare).
+fn failed(d: &Delivery, h: &BusinessHeaders, span: Span, e: &Transient) {
+    let span = if span.is_none() { message_span(d, h, true) } else { span };
+    span.in_scope(|| tracing::warn!(message_id = %h.message_id, error = %e, "effect failed; redelivering"));
 }

@@ -2,9 +2,12 @@
 //! written in the caller's transaction, so the effect and the "seen" mark
 //! commit together or not at all.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Duration,
+};
 
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe};
 use uuid::Uuid;
 
 use crate::{
@@ -27,6 +30,10 @@ pub const INBOX_SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS recheck_inbox_processed_at ON recheck_inbox (processed_at)",
 ];
+
+/// Rows per batched statement: 2 binds a row stays far below SQLite's 32 766 and PostgreSQL's
+/// 65 535 parameters, and the prepared-statement cache holds few shapes.
+const CHUNK: usize = 256;
 
 /// What the inbox remembers of a message processed before.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +83,50 @@ impl Inbox {
         Ok(seen == 1)
     }
 
+    /// [`claim`](Self::claim) for many deliveries in one statement per [`CHUNK`] ids: the ids
+    /// seen for the first time. An id given `k` times counts `k` deliveries; it is first-seen
+    /// (its first copy applies the effect, the others are duplicates) if no row existed.
+    pub async fn claim_many(&self, tx: &mut AnyConnection, message_ids: &[Uuid]) -> Result<HashSet<Uuid>> {
+        // Each id once per statement (PostgreSQL's ON CONFLICT cannot touch a row twice), in id
+        // order, so concurrent claimers lock rows in one order and cannot deadlock each other.
+        let mut copies = BTreeMap::<Uuid, i64>::new();
+        for id in message_ids {
+            *copies.entry(*id).or_default() += 1;
+        }
+        let copies: Vec<(Uuid, i64)> = copies.into_iter().collect();
+        let mut first = HashSet::with_capacity(copies.len());
+        let now = now_ms();
+        for chunk in copies.chunks(CHUNK) {
+            // Only `$n` placeholders are formatted in; every value is bound.
+            let rows = (0..chunk.len())
+                .map(|i| format!("($1, ${}, $2, $3, ${})", 4 + 2 * i, 5 + 2 * i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO recheck_inbox (consumer, message_id, outcome, processed_at, seen) VALUES {rows}
+                 ON CONFLICT (consumer, message_id) DO UPDATE SET seen = recheck_inbox.seen + excluded.seen
+                 RETURNING message_id, seen"
+            );
+            let mut query = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(&self.consumer)
+                .bind(Outcome::Processed.as_str())
+                .bind(now);
+            for (id, n) in chunk {
+                query = query.bind(id.to_string()).bind(*n);
+            }
+            let claimed: Vec<(String, i64)> = query.fetch_all(&mut *tx).await?;
+            let sent: HashMap<String, (Uuid, i64)> =
+                chunk.iter().map(|(id, n)| (id.to_string(), (*id, *n))).collect();
+            // `seen` is exactly this statement's copies only when the row is new.
+            first.extend(
+                claimed
+                    .iter()
+                    .filter_map(|(id, seen)| sent.get(id).filter(|(_, n)| n == seen).map(|(id, _)| *id)),
+            );
+        }
+        Ok(first)
+    }
+
     /// Messages processed once, and duplicate deliveries absorbed, so far.
     pub async fn counts(&self, pool: &AnyPool) -> Result<(i64, i64)> {
         // CAST: PostgreSQL sums BIGINT as NUMERIC, which the `Any` driver cannot decode.
@@ -116,6 +167,32 @@ impl Inbox {
             outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Processed),
             detail,
         }))
+    }
+
+    /// [`prior`](Self::prior) of many ids in one statement per [`CHUNK`]; ids without a row are absent.
+    pub async fn prior_many(
+        &self,
+        tx: &mut AnyConnection,
+        message_ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Prior>> {
+        let mut found = HashMap::with_capacity(message_ids.len());
+        for chunk in message_ids.chunks(CHUNK) {
+            let binds = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT message_id, outcome, detail FROM recheck_inbox WHERE consumer = $1 AND message_id IN ({binds})"
+            );
+            let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(&self.consumer);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            let rows: Vec<(String, String, Option<String>)> = query.fetch_all(&mut *tx).await?;
+            for (id, outcome, detail) in rows {
+                let Ok(id) = Uuid::parse_str(&id) else { continue };
+                let outcome = Outcome::parse(&outcome).unwrap_or(Outcome::Processed);
+                found.insert(id, Prior { outcome, detail });
+            }
+        }
+        Ok(found)
     }
 
     /// Deletes rows older than `retention`; returns how many.

@@ -44,6 +44,20 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The W3C header / metadata key of vendor-specific trace state.
 pub const TRACESTATE: &str = "tracestate";
 
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans leave the process (an exporter is installed): only then is a span no log line
+/// is written in worth its cost (the consumer's per-message spans). [`init`] sets it; a service
+/// that installs its own exporter calls [`set_exporting`].
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Declares that spans are (or are no longer) exported; see [`exporting`].
+pub fn set_exporting(on: bool) {
+    EXPORTING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// W3C Trace Context is the wire contract, whatever global propagator an application set.
 fn propagator() -> TraceContextPropagator {
     TraceContextPropagator::new()

@@ -110,6 +110,7 @@ pub fn init(directives: Option<&str>, args: &TraceArgs, service: &str) -> Result
     subscriber(filter, args.log_format, ansi, tracer, std::io::stderr).try_init()?;
 
     let exporting = cfg!(feature = "otlp") && endpoint.is_some();
+    super::set_exporting(exporting);
     match endpoint {
         Some(endpoint) if exporting => tracing::info!(endpoint, "exporting spans over OTLP"),
         Some(endpoint) => {
