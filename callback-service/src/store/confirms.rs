@@ -1,10 +1,18 @@
-//! Confirm ingest: many confirms per transaction. A confirm before its check
-//! creates the row; `expect` decides when a message counts as confirmed.
+//! Confirm ingest: many confirms per transaction, set-based — a handful of statements per chunk
+//! of up to [`CHUNK_ROWS`] confirms, not several per confirm. A confirm before its check creates
+//! the row; `expect` decides when a message counts as confirmed.
+//!
+//! Per chunk: create the missing rows, read their status, read the stored confirms of the
+//! messages that expect several consumers, upsert the confirms, decide each message in memory
+//! exactly as applying its confirms one by one would ([`settling`]), move the rows (one UPDATE
+//! per (from, to)), append the history.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use recheck::message::{Confirm, Outcome, now_ms};
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, AssertSqlSafe};
 
-use super::{Result, Status, Store, id_text, record_transition};
+use super::{CHUNK_ROWS, Result, Status, Store, id_text, placeholders, tuples};
 
 /// What one ingest transaction did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -17,19 +25,74 @@ pub struct IngestReport {
     pub rejected: usize,
 }
 
+/// One confirm of the batch, with its id as stored.
+struct Item<'a> {
+    id: String,
+    consumer: &'a str,
+    confirm: &'a Confirm,
+}
+
+/// The confirm that settles a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settled<'a> {
+    Rejected { consumer: &'a str, detail: Option<&'a str> },
+    Confirmed { consumer: &'a str },
+}
+
+impl Settled<'_> {
+    fn to(&self) -> Status {
+        match self {
+            Settled::Rejected { .. } => Status::Rejected,
+            Settled::Confirmed { .. } => Status::Confirmed,
+        }
+    }
+
+    fn reason(&self, from: Status) -> String {
+        match (self, from) {
+            (Settled::Rejected { consumer, detail }, _) => {
+                format!("rejected by {consumer}: {}", detail.unwrap_or("no detail"))
+            }
+            (Settled::Confirmed { consumer }, Status::Failed | Status::Void) => {
+                format!("late confirm by {consumer} (recovered)")
+            }
+            (Settled::Confirmed { consumer }, _) => format!("confirmed by {consumer}"),
+        }
+    }
+}
+
+/// A row to move, as last read.
+struct Move<'a> {
+    id: &'a str,
+    from: Status,
+    attempt: u32,
+    settled: Settled<'a>,
+}
+
+/// What a chunk needs of a `messages` row.
+struct RowState {
+    status: Status,
+    expect: Option<String>,
+    attempt: u32,
+}
+
 impl Store {
     /// Persists a batch of confirms (consumer, confirm) in one transaction.
     pub async fn ingest_confirms(&self, batch: &[(String, Confirm)]) -> Result<IngestReport> {
         let mut report = IngestReport { confirms: batch.len(), ..Default::default() };
         let now = now_ms();
-        let mut tx = self.begin().await?;
         // Rows are locked in one order (message id, consumer) by every instance: two batches that
         // share ids then queue behind each other instead of deadlocking (PostgreSQL aborts one
         // of two crossed transactions, and its confirms come back later — after their checks).
-        let mut ordered: Vec<&(String, Confirm)> = batch.iter().collect();
-        ordered.sort_unstable_by(|a, b| (a.1.message_id, &a.0).cmp(&(b.1.message_id, &b.0)));
-        for (consumer, confirm) in ordered {
-            apply_confirm(&mut tx, consumer, confirm, now, &mut report).await?;
+        // Stable: repeats of one (id, consumer) keep their arrival order.
+        let mut ordered: Vec<Item> = batch
+            .iter()
+            .map(|(consumer, confirm)| Item { id: id_text(confirm.message_id), consumer, confirm })
+            .collect();
+        ordered.sort_by(|a, b| (a.confirm.message_id, a.consumer).cmp(&(b.confirm.message_id, b.consumer)));
+        let mut tx = self.begin().await?;
+        // A message's confirms may straddle two chunks: the second sees what the first stored.
+        for chunk in ordered.chunks(CHUNK_ROWS) {
+            ingest_chunk(&mut tx, chunk, now, &mut report).await?;
         }
         tx.commit().await?;
         self.committed();
@@ -37,106 +100,274 @@ impl Store {
     }
 }
 
-async fn apply_confirm(
+async fn ingest_chunk(
     tx: &mut AnyConnection,
-    consumer: &str,
-    confirm: &Confirm,
+    items: &[Item<'_>],
     now: i64,
     report: &mut IngestReport,
 ) -> Result<()> {
-    let id = id_text(confirm.message_id);
-    // A `duplicate` never overwrites what the consumer first said.
-    sqlx::query(
-        "INSERT INTO confirms (message_id, consumer, outcome, detail, processed_at, received_at)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (message_id, consumer) DO UPDATE
-         SET outcome = excluded.outcome, detail = excluded.detail, processed_at = excluded.processed_at
-         WHERE confirms.outcome = 'duplicate'",
-    )
-    .bind(&id)
-    .bind(consumer)
-    .bind(confirm.outcome.as_str())
-    .bind(confirm.detail.as_deref())
-    .bind(confirm.processed_at)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO messages (message_id, status, created_at, updated_at) VALUES ($1, 'pending', $2, $2)
-         ON CONFLICT (message_id) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+    let mut ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    ids.dedup();
+    insert_missing(tx, &ids, now).await?;
+    let rows = read_rows(tx, &ids).await?;
+    // Only messages expecting several consumers need the others' confirms; read before ours are
+    // stored, so each of ours is judged with what came before it, as one by one.
+    let expecting: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| {
+            rows[*id].expect.as_deref().is_some_and(|e| !e.is_empty()) && unsettled(rows[*id].status)
+        })
+        .collect();
+    let mut stored = read_confirms(tx, &expecting).await?;
+    upsert_confirms(tx, items, now).await?;
 
-    // The status is read, then moved conditionally on it. On PostgreSQL a check's outcome may
-    // commit in between (pending → resent): then the UPDATE matches nothing and we read again.
-    let mut tries = 0;
-    let (from, to, reason, attempt) = loop {
-        tries += 1;
-        let (status, expect, attempt): (String, Option<String>, i64) =
-            sqlx::query_as("SELECT status, expect, attempt FROM messages WHERE message_id = $1")
-                .bind(&id)
-                .fetch_one(&mut *tx)
-                .await?;
-        let from = Status::parse(&status).unwrap_or(Status::Pending);
-        if matches!(from, Status::Confirmed | Status::Rejected) {
-            return Ok(());
+    let mut moves = Vec::new();
+    for message in items.chunk_by(|a, b| a.id == b.id) {
+        let id = message[0].id.as_str();
+        let row = &rows[id];
+        if !unsettled(row.status) {
+            continue;
         }
-        let (to, reason) = if confirm.outcome == Outcome::Rejected {
-            let detail = confirm.detail.as_deref().unwrap_or("no detail");
-            (Status::Rejected, format!("rejected by {consumer}: {detail}"))
-        } else if all_expected_confirmed(tx, &id, expect.as_deref()).await? {
-            let reason = match from {
-                Status::Failed | Status::Void => format!("late confirm by {consumer} (recovered)"),
-                _ => format!("confirmed by {consumer}"),
-            };
-            (Status::Confirmed, reason)
-        } else {
-            return Ok(());
-        };
-        let moved = sqlx::query(
-            "UPDATE messages SET status = $1, updated_at = $2 WHERE message_id = $3 AND status = $4",
-        )
-        .bind(to.as_str())
-        .bind(now)
-        .bind(&id)
-        .bind(from.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() == 1 {
-            break (from, to, reason, attempt);
+        let seen = stored.entry(id.to_owned()).or_default();
+        if let Some(settled) = settling(message, row.expect.as_deref(), seen) {
+            moves.push(Move { id, from: row.status, attempt: row.attempt, settled });
         }
-        if tries == 3 {
-            // Settled elsewhere meanwhile; the confirm row is stored either way.
-            return Ok(());
-        }
-    };
-    let attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
-    record_transition(tx, &id, Some(from), to, attempt, &reason, now).await?;
-    match to {
-        Status::Rejected => report.rejected += 1,
-        _ => {
-            report.confirmed += 1;
-            if matches!(from, Status::Failed | Status::Void) {
-                report.recovered += 1;
+    }
+    let moved = move_rows(tx, moves, now).await?;
+    append_history(tx, &moved, now).await?;
+    for m in &moved {
+        match m.settled.to() {
+            Status::Rejected => report.rejected += 1,
+            _ => {
+                report.confirmed += 1;
+                if matches!(m.from, Status::Failed | Status::Void) {
+                    report.recovered += 1;
+                }
             }
         }
     }
     Ok(())
 }
 
-/// `expect` absent: any confirm suffices. Otherwise every named consumer must
-/// have confirmed (processed or duplicate).
-async fn all_expected_confirmed(tx: &mut AnyConnection, id: &str, expect: Option<&str>) -> Result<bool> {
-    let Some(expect) = expect.filter(|e| !e.is_empty()) else {
-        return Ok(true);
-    };
-    let confirmed: Vec<String> =
-        sqlx::query_scalar("SELECT consumer FROM confirms WHERE message_id = $1 AND outcome <> 'rejected'")
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
-    Ok(expect.split(',').all(|want| confirmed.iter().any(|c| c == want)))
+/// A confirm moves any row but a confirmed or rejected one.
+fn unsettled(status: Status) -> bool {
+    !matches!(status, Status::Confirmed | Status::Rejected)
+}
+
+/// The first of one message's confirms (in lock order) that settles it, as storing and checking
+/// them one by one finds it: a rejection settles at once; otherwise it is confirmed once every
+/// expected consumer has a stored confirm that is not a rejection (any confirm without
+/// `expect`). `seen` holds the consumers' stored outcomes and is updated as the confirms are.
+fn settling<'a>(
+    message: &[Item<'a>],
+    expect: Option<&str>,
+    seen: &mut HashMap<String, Outcome>,
+) -> Option<Settled<'a>> {
+    let expect = expect.filter(|e| !e.is_empty());
+    for item in message {
+        let outcome = item.confirm.outcome;
+        // The upsert: a `duplicate` never overwrites what the consumer first said.
+        match seen.get_mut(item.consumer) {
+            Some(stored) if *stored == Outcome::Duplicate => *stored = outcome,
+            Some(_) => {}
+            None => {
+                seen.insert(item.consumer.to_owned(), outcome);
+            }
+        }
+        if outcome == Outcome::Rejected {
+            return Some(Settled::Rejected {
+                consumer: item.consumer,
+                detail: item.confirm.detail.as_deref(),
+            });
+        }
+        let all = expect
+            .is_none_or(|e| e.split(',').all(|want| seen.get(want).is_some_and(|o| *o != Outcome::Rejected)));
+        if all {
+            return Some(Settled::Confirmed { consumer: item.consumer });
+        }
+    }
+    None
+}
+
+/// A row for each id that has none yet.
+async fn insert_missing(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Result<()> {
+    for ids in ids.chunks(CHUNK_ROWS) {
+        let sql = format!(
+            "INSERT INTO messages (message_id, status, created_at, updated_at) VALUES {}
+             ON CONFLICT (message_id) DO NOTHING",
+            tuples(ids.len(), 2, &[None, Some("'pending'"), Some("$1"), Some("$1")])
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(now);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Status, expect and attempt of every id (each has a row by now).
+async fn read_rows(tx: &mut AnyConnection, ids: &[&str]) -> Result<HashMap<String, RowState>> {
+    let mut rows = HashMap::with_capacity(ids.len());
+    for ids in ids.chunks(CHUNK_ROWS) {
+        let sql = format!(
+            "SELECT message_id, status, expect, attempt FROM messages WHERE message_id IN ({})",
+            placeholders(ids.len(), 1)
+        );
+        let mut query =
+            sqlx::query_as::<_, (String, String, Option<String>, i64)>(AssertSqlSafe(sql)).persistent(false);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        let found = query.fetch_all(&mut *tx).await?;
+        for (id, status, expect, attempt) in found {
+            let state = RowState {
+                status: Status::parse(&status).unwrap_or(Status::Pending),
+                expect,
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+            };
+            rows.insert(id, state);
+        }
+    }
+    // Purged meanwhile: fail the batch, which comes back and creates the row again.
+    if ids.iter().any(|id| !rows.contains_key(*id)) {
+        return Err(sqlx::Error::RowNotFound.into());
+    }
+    Ok(rows)
+}
+
+/// Stored confirms of the given messages: message id → consumer → outcome.
+async fn read_confirms(
+    tx: &mut AnyConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, HashMap<String, Outcome>>> {
+    let mut stored: HashMap<String, HashMap<String, Outcome>> = HashMap::new();
+    for ids in ids.chunks(CHUNK_ROWS) {
+        let sql = format!(
+            "SELECT message_id, consumer, outcome FROM confirms WHERE message_id IN ({})",
+            placeholders(ids.len(), 1)
+        );
+        let mut query = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql)).persistent(false);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        let found = query.fetch_all(&mut *tx).await?;
+        for (id, consumer, outcome) in found {
+            let outcome = Outcome::parse(&outcome).unwrap_or(Outcome::Processed);
+            stored.entry(id).or_default().insert(consumer, outcome);
+        }
+    }
+    Ok(stored)
+}
+
+/// Stores the confirms. A `duplicate` never overwrites what the consumer first said; repeats of
+/// one (id, consumer) are folded the same way first (one statement may not update a row twice).
+async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -> Result<()> {
+    let mut rows: Vec<&Item> = Vec::with_capacity(items.len());
+    for item in items {
+        match rows.last_mut() {
+            Some(last) if last.id == item.id && last.consumer == item.consumer => {
+                if last.confirm.outcome == Outcome::Duplicate {
+                    *last = item;
+                }
+            }
+            _ => rows.push(item),
+        }
+    }
+    for rows in rows.chunks(CHUNK_ROWS) {
+        let sql = format!(
+            "INSERT INTO confirms (message_id, consumer, outcome, detail, processed_at, received_at)
+             VALUES {}
+             ON CONFLICT (message_id, consumer) DO UPDATE
+             SET outcome = excluded.outcome, detail = excluded.detail, processed_at = excluded.processed_at
+             WHERE confirms.outcome = 'duplicate'",
+            tuples(rows.len(), 2, &[None, None, None, None, None, Some("$1")])
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(now);
+        for item in rows {
+            query = query
+                .bind(item.id.as_str())
+                .bind(item.consumer)
+                .bind(item.confirm.outcome.as_str())
+                .bind(item.confirm.detail.as_deref())
+                .bind(item.confirm.processed_at);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Moves each row conditionally on the status it was read with, one UPDATE per (from, to). On
+/// PostgreSQL a check's outcome may commit in between (pending → resent): the rows it did not
+/// return are read again and retried, up to three rounds in all. Returns the moves made.
+async fn move_rows<'a>(tx: &mut AnyConnection, mut moves: Vec<Move<'a>>, now: i64) -> Result<Vec<Move<'a>>> {
+    let mut done = Vec::with_capacity(moves.len());
+    for round in 1..=3 {
+        let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+        for m in &moves {
+            groups.entry((m.from.as_str(), m.settled.to().as_str())).or_default().push(m.id);
+        }
+        let mut moved: HashSet<String> = HashSet::with_capacity(moves.len());
+        for ((from, to), ids) in groups {
+            for ids in ids.chunks(CHUNK_ROWS) {
+                let sql = format!(
+                    "UPDATE messages SET status = $1, updated_at = $2
+                     WHERE status = $3 AND message_id IN ({}) RETURNING message_id",
+                    placeholders(ids.len(), 4)
+                );
+                let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+                    .persistent(false)
+                    .bind(to)
+                    .bind(now)
+                    .bind(from);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                let returned = query.fetch_all(&mut *tx).await?;
+                moved.extend(returned);
+            }
+        }
+        let (hit, missed): (Vec<Move>, Vec<Move>) = moves.into_iter().partition(|m| moved.contains(m.id));
+        done.extend(hit);
+        if missed.is_empty() || round == 3 {
+            // Still missed after three rounds: settled elsewhere meanwhile; the confirms are stored.
+            break;
+        }
+        let ids: Vec<&str> = missed.iter().map(|m| m.id).collect();
+        let rows = read_rows(tx, &ids).await?;
+        moves = missed
+            .into_iter()
+            .filter_map(|m| {
+                let row = &rows[m.id];
+                unsettled(row.status).then_some(Move { from: row.status, attempt: row.attempt, ..m })
+            })
+            .collect();
+        if moves.is_empty() {
+            break;
+        }
+    }
+    done.sort_unstable_by(|a, b| a.id.cmp(b.id));
+    Ok(done)
+}
+
+/// One history row per move, in id order.
+async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], now: i64) -> Result<()> {
+    for moved in moved.chunks(CHUNK_ROWS) {
+        let sql = format!(
+            "INSERT INTO history (message_id, at, from_status, to_status, attempt, reason) VALUES {}",
+            tuples(moved.len(), 2, &[None, Some("$1"), None, None, None, None])
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(now);
+        for m in moved {
+            query = query
+                .bind(m.id)
+                .bind(m.from.as_str())
+                .bind(m.settled.to().as_str())
+                .bind(i64::from(m.attempt))
+                .bind(m.settled.reason(m.from));
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
 }
