@@ -96,7 +96,7 @@ impl App {
         let grpc = recheck::tls::server(self.tls.as_ref())?
             .add_service(health)
             .add_service(hook.into_server(auth))
-            .add_service(OrdersServer::new(orders))
+            .add_service(OrdersServer::new(orders.clone()))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),
                 shutdown.clone().cancelled_owned(),
@@ -106,6 +106,7 @@ impl App {
             self.ops.serve(readiness.clone(), shutdown.clone()),
             report_health(readiness, health_reporter, &health_names, shutdown.clone()),
         );
+        orders.flush().await;
         self.producer.publisher().close().await;
         served.context("serving gRPC")?;
         ops.context("serving the ops endpoints")

@@ -1,10 +1,13 @@
 //! `demo.v1.Orders/CreateOrder`: the producer side of Recheck in three steps —
 //! `prepare` (the CHECK is durable) → insert + commit (with the message id) →
-//! `publish` (the business message). Faults from the request skip a step so load
-//! runs can show that the CHECK repairs them.
+//! `publish` (the business message). The caller gets its answer at the commit, as
+//! with an outbox: the publish goes on in the background, since the CHECK repairs
+//! a lost one anyway. Faults from the request skip a step so load runs can show
+//! that the CHECK repairs them.
 
 use recheck::{Event, Producer};
 use recheck_proto::demo::v1::{CreateOrderRequest, CreateOrderResponse, Fault, orders_server::Orders};
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -20,11 +23,19 @@ pub const EXPECTED_CONSUMER: &str = "points";
 pub struct OrdersService {
     store: Store,
     producer: Producer,
+    /// Business publishes still waiting for their broker confirm.
+    publishes: TaskTracker,
 }
 
 impl OrdersService {
     pub fn new(store: Store, producer: Producer) -> Self {
-        Self { store, producer }
+        Self { store, producer, publishes: TaskTracker::new() }
+    }
+
+    /// Waits for the business publishes under way (before the broker connection closes).
+    pub async fn flush(&self) {
+        self.publishes.close();
+        self.publishes.wait().await;
     }
 
     /// One order, callable without gRPC.
@@ -77,18 +88,17 @@ impl OrdersService {
         }
         tx.commit().await.map_err(StoreError::from)?;
 
-        // 3. Recheck: the business message. A failure here is logged, not returned: the
-        //    order is committed and its CHECK will have it resent.
-        let published = match fault {
-            Fault::SkipPublish => false,
-            _ => match prepared.publish().await {
-                Ok(()) => true,
-                Err(e) => {
+        // 3. Recheck: the business message, off the caller's path. A failure is logged, not
+        //    returned: the order is committed and its CHECK will have it resent.
+        let published = fault != Fault::SkipPublish;
+        if published {
+            let publish = async move {
+                if let Err(e) = prepared.publish().await {
                     tracing::warn!(%message_id, error = %e, "publish failed after commit; the CHECK will resend it");
-                    false
                 }
-            },
-        };
+            };
+            self.publishes.spawn(publish.in_current_span());
+        }
         tracing::debug!(%order_id, published, "order created");
         Ok(CreateOrderResponse { order_id, message_id: message_id.to_string(), committed: true, published })
     }

@@ -66,6 +66,12 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
     assert!(!aborted.committed && !aborted.published && aborted.order_id.is_empty());
     assert!(!aborted.message_id.is_empty());
     assert_eq!(store.count().await.unwrap(), 2);
+    // The publish finishes after the answer: wait for it (the skipped one never comes).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while queued().await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the business message never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(queued().await, 1);
 
     let mut hook = ResendHookClient::connect(format!("http://{addr}")).await.unwrap();
