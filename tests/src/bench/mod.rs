@@ -24,6 +24,7 @@ pub mod procfs;
 pub mod raw;
 pub mod recheck_flow;
 pub mod report;
+pub mod sdk_flow;
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +48,8 @@ pub enum Part {
     Naive,
     RecheckSqlite,
     RecheckPostgres,
+    /// Recheck's own cost: the bench process produces through the SDK, no order service.
+    RecheckSdk,
     Outbox,
     /// The callback service's ingest and check rates.
     Callback,
@@ -227,6 +230,7 @@ pub async fn run(
             "recheck (Postgres)",
             Box::pin(recheck_flow::run(&env, CallbackStore::Postgres)),
         ),
+        (Part::RecheckSdk, "recheck (SDK, SQLite)", Box::pin(sdk_flow::run(&env))),
         (Part::Outbox, "outbox", Box::pin(outbox::run(&env))),
     ];
     for (part, name, step) in steps {
