@@ -174,13 +174,7 @@ impl Reconciler {
             }
         };
         metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
-        let plans = futures_util::future::try_join_all(
-            batch
-                .checks
-                .iter()
-                .map(|check| self.decide(&batch.producer, check).instrument(span(&batch.producer, check))),
-        )
-        .await?;
+        let plans = self.plans(&batch).await?;
 
         // Next checks first (grouped per delay into one CHECK message), then the store.
         let mut next_by_delay: HashMap<Duration, Vec<Check>> = HashMap::new();
@@ -225,11 +219,51 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Decides one check; makes the RPC if the message is unconfirmed and this
-    /// process won the attempt. Runs in the check's `reconcile` span ([`span`]).
-    async fn decide(&self, producer: &str, check: &Check) -> anyhow::Result<Plan> {
-        self.counters.checks.fetch_add(1, Ordering::Relaxed);
-        let row = self.store.record_check(producer, check).await?;
+    /// Every check of the batch decided, in order. The rows are read at once; a check its row
+    /// settles as it stands (confirmed, terminal, an attempt already taken) is decided here.
+    async fn plans(&self, batch: &CheckBatch) -> anyhow::Result<Vec<Plan>> {
+        let producer = &batch.producer;
+        let ids: Vec<String> = batch.checks.iter().map(|c| c.message_id.to_string()).collect();
+        let mut rows = self.store.get_many(&ids).await?;
+        let mut plans: Vec<Option<Plan>> = Vec::with_capacity(batch.checks.len());
+        let mut open = Vec::new();
+        for (check, id) in batch.checks.iter().zip(&ids) {
+            self.counters.checks.fetch_add(1, Ordering::Relaxed);
+            let row = rows.remove(id);
+            let plan = row.as_ref().and_then(|row| self.settled(row, check));
+            if plan.is_none() {
+                open.push((plans.len(), check, row));
+            }
+            plans.push(plan);
+        }
+        let decided = futures_util::future::try_join_all(open.into_iter().map(|(i, check, row)| {
+            let decide = self.decide(producer, check, row).instrument(span(producer, check));
+            async move { anyhow::Ok((i, decide.await?)) }
+        }))
+        .await?;
+        for (i, plan) in decided {
+            plans[i] = Some(plan);
+        }
+        Ok(plans.into_iter().map(|p| p.expect("every check decided")).collect())
+    }
+
+    /// The plan of a check whose row needs no write and no RPC, as [`Reconciler::decide`] would
+    /// find it; `None` when the check needs more.
+    fn settled(&self, row: &MessageRow, check: &Check) -> Option<Plan> {
+        if !row.recorded_for(check) {
+            return None;
+        }
+        if row.status.is_terminal() {
+            return Some(Plan::Done);
+        }
+        (row.attempt > check.attempt).then(|| self.duplicate(row, check))
+    }
+
+    /// Decides one check from its row as read (`None`: no row yet); makes the RPC if the message
+    /// is unconfirmed and this process won the attempt. Runs in the check's `reconcile` span
+    /// ([`span`]).
+    async fn decide(&self, producer: &str, check: &Check, row: Option<MessageRow>) -> anyhow::Result<Plan> {
+        let row = self.store.record_check_read(producer, check, row).await?;
         if row.status.is_terminal() {
             return Ok(Plan::Done);
         }

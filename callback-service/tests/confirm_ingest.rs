@@ -2,34 +2,12 @@
 //! mixed cases ends exactly as its confirms applied one by one in lock order (message id,
 //! consumer) — same statuses, confirms, history and counts.
 
+#[macro_use]
+mod common;
+
 use callback_service::store::{AttemptOutcome, IngestReport, Status, Store};
 use recheck::message::{Check, Confirm, Outcome, now_ms};
 use uuid::Uuid;
-
-/// Runs a scenario once on SQLite and once on PostgreSQL, as two tests.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-                let urls = dirs.each_ref().map(|d| format!("sqlite://{}/callback.db?mode=rwc", d.path().display()));
-                super::$name(&urls).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let kit = recheck_tests::kit().await;
-                let urls = [
-                    kit.postgres.fresh_database().await.unwrap().url,
-                    kit.postgres.fresh_database().await.unwrap().url,
-                ];
-                super::$name(&urls).await;
-            })*
-        }
-    };
-}
 
 on_both_stores!(a_mixed_batch_ends_as_one_by_one, a_batch_bigger_than_a_chunk_settles_every_message);
 

@@ -2,12 +2,24 @@
 //! on `(message_id, attempt)`: a duplicated or redelivered check, or a second
 //! instance, finds the attempt already taken and does nothing.
 
+use std::collections::HashMap;
+
 use recheck::message::{Check, now_ms};
+use sqlx::AssertSqlSafe;
 
 use super::{
-    MessageRow, RawMessage, Result, Status, Store, expect_text, id_text, message_from, record_transition,
-    select_messages,
+    CHUNK_ROWS, MessageRow, RawMessage, Result, Status, Store, expect_text, id_text, message_from,
+    placeholders, record_transition, select_messages,
 };
+
+impl MessageRow {
+    /// The check has nothing to write (the usual case: a read, no write lock): the row is
+    /// confirmed (it keeps what the confirm gave it), or complete at this attempt or a later one.
+    /// Rejected and failed rows still take the producer fields, which a redrive needs.
+    pub fn recorded_for(&self, check: &Check) -> bool {
+        self.status == Status::Confirmed || (!self.producer.is_empty() && self.attempt >= check.attempt)
+    }
+}
 
 /// How an attempt ended, as the store records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,16 +40,23 @@ impl Store {
     /// returns it. A check from a later attempt than the row knows (a redrive
     /// on another instance, a purge) moves the row forward to it.
     pub async fn record_check(&self, producer: &str, check: &Check) -> Result<CheckView> {
-        let id = id_text(check.message_id);
-        // Most checks find their row complete, or confirmed before the check came due (the
-        // usual case: nothing to fill in, nothing to decide): a read, no write lock. A confirmed
-        // row keeps what the confirm gave it; rejected and failed rows still take the producer
-        // fields, which a redrive needs.
-        if let Some(row) = self.get(&id).await?
-            && (row.status == Status::Confirmed || (!row.producer.is_empty() && row.attempt >= check.attempt))
+        let row = self.get(&id_text(check.message_id)).await?;
+        self.record_check_read(producer, check, row).await
+    }
+
+    /// [`Store::record_check`] with the row already read (`None`: there was none).
+    pub async fn record_check_read(
+        &self,
+        producer: &str,
+        check: &Check,
+        row: Option<MessageRow>,
+    ) -> Result<CheckView> {
+        if let Some(row) = row
+            && row.recorded_for(check)
         {
             return Ok(row);
         }
+        let id = id_text(check.message_id);
         let now = now_ms();
         let attempt = i64::from(check.attempt);
         let mut tx = self.begin().await?;
@@ -210,6 +229,26 @@ impl Store {
         .await?;
         self.committed();
         Ok(())
+    }
+
+    /// The rows of these ids (one statement per [`CHUNK_ROWS`] ids); ids without a row are absent.
+    pub async fn get_many(&self, message_ids: &[String]) -> Result<HashMap<String, MessageRow>> {
+        let mut rows = HashMap::with_capacity(message_ids.len());
+        for ids in message_ids.chunks(CHUNK_ROWS) {
+            let sql = format!(
+                concat!(select_messages!("WHERE message_id IN ("), "{})"),
+                placeholders(ids.len(), 1)
+            );
+            let mut query = sqlx::query_as::<_, RawMessage>(AssertSqlSafe(sql)).persistent(false);
+            for id in ids {
+                query = query.bind(id.as_str());
+            }
+            for raw in query.fetch_all(&self.pool).await? {
+                let row = message_from(raw)?;
+                rows.insert(row.message_id.clone(), row);
+            }
+        }
+        Ok(rows)
     }
 
     pub async fn get(&self, message_id: &str) -> Result<Option<MessageRow>> {
