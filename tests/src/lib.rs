@@ -74,6 +74,7 @@ pub mod definitions;
 pub mod demo;
 pub mod deploy;
 pub mod faults;
+pub mod metrics;
 mod ports;
 pub mod postgres;
 pub mod proxy;

@@ -10,7 +10,6 @@
 //! The tests run one at a time: two cores cannot run two deployments under load side by side.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -21,13 +20,10 @@ use lapin::{BasicProperties, options::BasicPublishOptions};
 use recheck_tests::{
     FaultProxy,
     deploy::{DeployOptions, Deployment, LoadOptions, Role},
+    metrics::{Metrics, get},
 };
 use sqlx::AnyPool;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::Mutex,
-    time::sleep,
-};
+use tokio::{sync::Mutex, time::sleep};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -126,7 +122,7 @@ async fn metrics_agree_with_the_stores() {
     );
     assert!(cb.sum("recheck_ingest_batch_size_count", &[]) > 0.0, "{cb}");
     assert!(cb.sum("recheck_reconcile_batch_size_count", &[]) > 0.0, "{cb}");
-    assert!(cb.text.contains("# TYPE recheck_confirm_latency_seconds histogram"), "{cb}");
+    assert!(cb.to_string().contains("# TYPE recheck_confirm_latency_seconds histogram"), "{cb}");
     // The status gauge is refreshed every few seconds: wait for one refresh after the settle.
     let statuses: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM messages GROUP BY status")
@@ -140,7 +136,7 @@ async fn metrics_agree_with_the_stores() {
     assert_eq!(cb.sum("recheck_messages", &[]), statuses.iter().map(|(_, n)| *n as f64).sum::<f64>());
 
     // The producer.
-    let up = scrape(&d, Role::Upstream).await.unwrap();
+    let up = &d.scrape(Role::Upstream).await.unwrap();
     let orders = [("producer", "orders")];
     // A CreateOrder the load saw fail may still have prepared its message.
     let prepared = up.sum("recheck_prepared_total", &orders);
@@ -155,7 +151,7 @@ async fn metrics_agree_with_the_stores() {
     assert!(up.sum("recheck_publish_seconds_count", &[]) > 0.0, "{up}");
 
     // The consumer.
-    let down = scrape(&d, Role::Downstream).await.unwrap();
+    let down = &d.scrape(Role::Downstream).await.unwrap();
     let points = count(&points_db, "SELECT COUNT(*) FROM points").await;
     let rejected = count(&points_db, "SELECT COUNT(*) FROM recheck_inbox WHERE outcome = 'rejected'").await;
     assert_eq!(down.sum("recheck_consumer_messages_total", &[("outcome", "processed")]), points, "{down}");
@@ -183,7 +179,7 @@ async fn readiness_follows_the_broker() {
 
     for role in ROLES {
         wait_ready(&d, role, 200, Duration::from_secs(30)).await.unwrap();
-        assert_eq!(get(ops_addr(&d, role), "/healthz").await.unwrap().0, 200);
+        assert_eq!(get(d.ops_addr(role), "/healthz").await.unwrap().0, 200);
     }
     for (role, port) in grpc {
         wait_grpc_health(port, ServingStatus::Serving).await.with_context(|| format!("{role}")).unwrap();
@@ -195,7 +191,7 @@ async fn readiness_follows_the_broker() {
     for role in ROLES {
         let body = wait_ready(&d, role, 503, Duration::from_secs(30)).await.unwrap();
         assert!(body.contains("broker"), "{role}: {body}");
-        assert_eq!(get(ops_addr(&d, role), "/healthz").await.unwrap().0, 200, "{role}: alive all along");
+        assert_eq!(get(d.ops_addr(role), "/healthz").await.unwrap().0, 200, "{role}: alive all along");
     }
     for (role, port) in grpc {
         wait_grpc_health(port, ServingStatus::NotServing).await.with_context(|| format!("{role}")).unwrap();
@@ -254,71 +250,11 @@ async fn sigterm_under_load_exits_in_time_and_loses_nothing() {
 
 // ---- scraping ----
 
-/// One `/metrics` scrape: the text and its samples.
-struct Metrics {
-    text: String,
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Metrics {
-    fn parse(text: String) -> Result<Self> {
-        let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ').with_context(|| format!("sample line {line:?}"))?;
-            let value: f64 = value.parse().with_context(|| format!("value in {line:?}"))?;
-            let (name, labels) = match series.split_once('{') {
-                None => (series, BTreeMap::new()),
-                Some((name, rest)) => (name, labels(rest.trim_end_matches('}'))?),
-            };
-            samples.push((name.to_owned(), labels, value));
-        }
-        Ok(Self { text, samples })
-    }
-
-    /// The sum over the samples of `name` that carry every label in `with`.
-    fn sum(&self, name: &str, with: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, labels, _)| {
-                n == name && with.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, _, value)| value)
-            .sum()
-    }
-}
-
-impl std::fmt::Display for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-/// `a="x",b="y"` (our label values hold no quotes or commas).
-fn labels(s: &str) -> Result<BTreeMap<String, String>> {
-    s.split(',')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').with_context(|| format!("label {pair:?}"))?;
-            Ok((k.to_owned(), v.trim_matches('"').to_owned()))
-        })
-        .collect()
-}
-
-fn ops_addr(d: &Deployment, role: Role) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], d.ops_ports[&role]))
-}
-
-async fn scrape(d: &Deployment, role: Role) -> Result<Metrics> {
-    let (status, body) = get(ops_addr(d, role), "/metrics").await?;
-    anyhow::ensure!(status == 200, "{role} /metrics: {status} {body}");
-    Metrics::parse(body)
-}
-
 /// Scrapes `role` until `done` holds (at most 20 s; the last scrape is returned either way).
 async fn scrape_until(d: &Deployment, role: Role, done: impl Fn(&Metrics) -> bool) -> Metrics {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let metrics = scrape(d, role).await.unwrap();
+        let metrics = d.scrape(role).await.unwrap();
         if done(&metrics) || Instant::now() > deadline {
             return metrics;
         }
@@ -330,7 +266,7 @@ async fn scrape_until(d: &Deployment, role: Role, done: impl Fn(&Metrics) -> boo
 async fn wait_ready(d: &Deployment, role: Role, want: u16, within: Duration) -> Result<String> {
     let deadline = Instant::now() + within;
     loop {
-        let (status, body) = get(ops_addr(d, role), "/readyz").await?;
+        let (status, body) = get(d.ops_addr(role), "/readyz").await?;
         if status == want {
             return Ok(body);
         }
@@ -339,18 +275,6 @@ async fn wait_ready(d: &Deployment, role: Role, want: u16, within: Duration) -> 
         }
         sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// `GET path` over HTTP/1.0: (status, body).
-async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream =
-        tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting {addr}"))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await??;
-    let status = response.split_whitespace().nth(1).context("no status line")?.parse()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Polls the gRPC health service (the whole server, `""`) until it reports `want`.

@@ -5,8 +5,11 @@
 //! a lost one anyway. Faults from the request skip a step so load runs can show
 //! that the CHECK repairs them.
 
+use std::sync::Arc;
+
 use recheck::{Event, Producer};
 use recheck_proto::demo::v1::{CreateOrderRequest, CreateOrderResponse, Fault, orders_server::Orders};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -25,11 +28,18 @@ pub struct OrdersService {
     producer: Producer,
     /// Business publishes still waiting for their broker confirm.
     publishes: TaskTracker,
+    /// Bounds them: past it a caller waits for a slot, so a producer faster than the broker is
+    /// held back instead of piling up publishes (which would come late, after their checks).
+    publish_slots: Arc<Semaphore>,
 }
+
+/// Business publishes in flight after their orders were answered.
+const MAX_BACKGROUND_PUBLISHES: usize = 256;
 
 impl OrdersService {
     pub fn new(store: Store, producer: Producer) -> Self {
-        Self { store, producer, publishes: TaskTracker::new() }
+        let publish_slots = Arc::new(Semaphore::new(MAX_BACKGROUND_PUBLISHES));
+        Self { store, producer, publishes: TaskTracker::new(), publish_slots }
     }
 
     /// Waits for the business publishes under way (before the broker connection closes).
@@ -92,7 +102,9 @@ impl OrdersService {
         //    returned: the order is committed and its CHECK will have it resent.
         let published = fault != Fault::SkipPublish;
         if published {
+            let slot = self.publish_slots.clone().acquire_owned().await.expect("never closed");
             let publish = async move {
+                let _slot = slot;
                 if let Err(e) = prepared.publish().await {
                     tracing::warn!(%message_id, error = %e, "publish failed after commit; the CHECK will resend it");
                 }

@@ -342,5 +342,26 @@ async fn wait_rows(
     }
 }
 
+/// Mean batch sizes over a deployment's run, from its services' `/metrics`: how much the group
+/// commits and micro-batches gathered (what the broker and the stores pay per business message).
+async fn batch_sizes(deployment: &crate::deploy::Deployment) -> String {
+    use crate::deploy::Role;
+    let mut parts = Vec::new();
+    for (role, histogram, what) in [
+        (Role::Upstream, "recheck_check_batch_size", "ids per CHECK published by upstream-demo"),
+        (Role::Downstream, "recheck_consumer_batch_size", "deliveries per consumer transaction"),
+        (Role::Downstream, "recheck_confirm_batch_size", "ids per CONFIRM"),
+        (Role::Callback(0), "recheck_reconcile_batch_size", "checks per CHECK delivery"),
+        (Role::Callback(0), "recheck_ingest_batch_size", "confirms per callback transaction"),
+    ] {
+        match deployment.scrape(role).await.map(|m| m.mean(histogram)) {
+            Ok(Some(mean)) => parts.push(format!("{what} {mean:.1}")),
+            Ok(None) => {}
+            Err(e) => parts.push(format!("{what}: {e:#}")),
+        }
+    }
+    format!("mean batch sizes over the run: {}", parts.join(", "))
+}
+
 /// How often a scenario looks at a store while waiting for it to settle.
 const POLL: Duration = Duration::from_millis(100);

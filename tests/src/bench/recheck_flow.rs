@@ -97,6 +97,7 @@ async fn measure(
     callback_db.close().await;
 
     let verdict = deployment.verdict().await?;
+    let batches = super::batch_sizes(deployment).await;
     let elapsed_s = (last_confirmed_ms - created.started_ms) as f64 / 1000.0;
     Ok(Scenario {
         name: format!("recheck ({})", store.label()),
@@ -113,8 +114,10 @@ async fn measure(
         extra_producer_db_writes_per_msg: verdict.hook_calls as f64 / verdict.committed.max(1) as f64,
         processes,
         notes: vec![
+            batches,
             format!(
-                "create = CreateOrder over gRPC (CHECK group commit → order insert + commit → publish), \
+                "create = CreateOrder over gRPC (CHECK group commit → order insert + commit → answer; the \
+                 business message is published after the answer), \
                  {} in flight; check delay {}",
                 o.concurrency,
                 o.check_delay_text()

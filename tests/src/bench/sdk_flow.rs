@@ -97,6 +97,7 @@ async fn measure(env: &Env<'_>, deployment: &Deployment, amqp_url: &str) -> Resu
         broker::wait_drained(&channel, &queues, Instant::now() + o.deadline).await?;
     }
     let processes = meter.finish(created.done).await;
+    let batches = super::batch_sizes(deployment).await;
     publisher.close().await;
     callback_db.close().await;
 
@@ -115,12 +116,15 @@ async fn measure(env: &Env<'_>, deployment: &Deployment, amqp_url: &str) -> Resu
         }),
         extra_producer_db_writes_per_msg: 0.0,
         processes,
-        notes: vec![format!(
-            "create = `prepare` (CHECK group commit) then `publish`, both \
+        notes: vec![
+            batches,
+            format!(
+                "create = `prepare` (CHECK group commit) then `publish`, both \
              broker-confirmed, {} in flight, from the bench process: no order database, no gRPC; \
              downstream-demo and the callback service (SQLite) as in recheck (SQLite); lost = \
              prepared but not `confirmed` in the callback store by the deadline",
-            o.window
-        )],
+                o.window
+            ),
+        ],
     })
 }
