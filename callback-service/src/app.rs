@@ -91,6 +91,7 @@ impl App {
                 rpc_timeout: c.rpc_timeout,
                 max_rpcs_per_producer: c.max_rpcs_per_producer,
                 max_deferral: c.max_deferral,
+                max_checks_in_flight: c.max_checks_in_flight,
             },
             c.limits(),
             Breakers::new(c.breaker()),

@@ -88,8 +88,13 @@ pub struct Config {
     pub max_rpcs_per_producer: usize,
 
     /// Unacked CHECK deliveries in flight (AMQP prefetch of the checks consumer).
-    #[arg(long, env = "RECHECK_CHECK_PREFETCH", default_value_t = 256)]
+    #[arg(long, env = "RECHECK_CHECK_PREFETCH", default_value_t = 32)]
     pub check_prefetch: u16,
+
+    /// Checks decided at once over all CHECK deliveries (each holds a few KB while decided);
+    /// a delivery with more ids takes them all and goes alone.
+    #[arg(long, env = "RECHECK_MAX_CHECKS_IN_FLIGHT", default_value_t = 1000)]
+    pub max_checks_in_flight: usize,
 
     /// Unacked CONFIRM deliveries in flight (AMQP prefetch of the confirms consumer).
     #[arg(long, env = "RECHECK_CONFIRM_PREFETCH", default_value_t = 2000)]
@@ -203,6 +208,7 @@ mod tests {
         assert_eq!(c.unreachable_deadline, Duration::from_secs(3_600));
         assert_eq!(c.confirm_linger, Duration::from_millis(5));
         assert_eq!(c.limits().max_ids, 5_000);
+        assert_eq!((c.check_prefetch, c.max_checks_in_flight), (32, 1_000));
         assert_eq!(c.grpc_addr.port(), 0);
         assert_eq!(c.ops.ops_addr.port(), 0);
         assert_eq!(Config::parse_from(["callback-service"]).ops.ops_addr.port(), 9051);

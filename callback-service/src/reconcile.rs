@@ -50,6 +50,8 @@ pub struct Policy {
     pub max_rpcs_per_producer: usize,
     /// Longest a check is deferred because its consumer is behind.
     pub max_deferral: Duration,
+    /// Checks decided at once, over all deliveries: what bounds memory in a backlog.
+    pub max_checks_in_flight: usize,
 }
 
 /// Counters since start.
@@ -91,6 +93,8 @@ pub struct Reconciler {
     pub breakers: Breakers,
     /// One slow producer uses up only its own slots.
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// One permit per check being decided ([`Policy::max_checks_in_flight`]).
+    checks_in_flight: Semaphore,
 }
 
 /// What to do with one check once it is decided.
@@ -120,6 +124,7 @@ impl Reconciler {
         breakers: Breakers,
     ) -> Self {
         Self {
+            checks_in_flight: Semaphore::new(policy.max_checks_in_flight.clamp(1, Semaphore::MAX_PERMITS)),
             breakers,
             store,
             publisher,
@@ -174,6 +179,11 @@ impl Reconciler {
             }
         };
         metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
+        // The deliveries are bounded by the prefetch, their checks here; a delivery bigger than
+        // the bound takes all of it and goes alone.
+        let bound = self.policy.max_checks_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let permits = u32::try_from(batch.checks.len().min(bound)).unwrap_or(u32::MAX);
+        let _permits = self.checks_in_flight.acquire_many(permits).await?;
         let plans = self.plans(&batch).await?;
 
         // Next checks first (grouped per delay into one CHECK message), then the store.
