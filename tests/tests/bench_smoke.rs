@@ -25,7 +25,10 @@ async fn every_scenario_completes_and_loses_nothing() {
     eprintln!("{report}");
     assert!(errors.is_empty(), "parts failed: {errors:#?}");
     let names: Vec<&str> = report.scenarios.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["raw", "naive", "recheck (SQLite)", "recheck (Postgres)", "outbox"]);
+    assert_eq!(
+        names,
+        ["raw", "naive", "recheck (SQLite)", "recheck (Postgres)", "recheck (SDK, SQLite)", "outbox"]
+    );
     for s in &report.scenarios {
         assert_eq!(s.lost, 0, "{} lost messages", s.name);
         assert!(s.messages > 0 && s.per_s > 0.0, "{} measured nothing", s.name);

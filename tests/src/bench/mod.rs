@@ -24,7 +24,6 @@ pub mod procfs;
 pub mod raw;
 pub mod recheck_flow;
 pub mod report;
-pub mod sdk_flow;
 
 use std::{
     path::{Path, PathBuf},
@@ -38,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::{Kit, Postgres, Rabbit, urls};
 use procfs::Target;
-use recheck_flow::CallbackStore;
+use recheck_flow::{CallbackStore, Source};
 use report::{Machine, Ratios, Report};
 
 /// The parts of a run.
@@ -224,13 +223,21 @@ pub async fn run(
     let steps: Vec<Step> = vec![
         (Part::Raw, "raw", Box::pin(raw::run(&env))),
         (Part::Naive, "naive", Box::pin(naive::run(&env))),
-        (Part::RecheckSqlite, "recheck (SQLite)", Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite))),
+        (
+            Part::RecheckSqlite,
+            "recheck (SQLite)",
+            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Orders)),
+        ),
         (
             Part::RecheckPostgres,
             "recheck (Postgres)",
-            Box::pin(recheck_flow::run(&env, CallbackStore::Postgres)),
+            Box::pin(recheck_flow::run(&env, CallbackStore::Postgres, Source::Orders)),
         ),
-        (Part::RecheckSdk, "recheck (SDK, SQLite)", Box::pin(sdk_flow::run(&env))),
+        (
+            Part::RecheckSdk,
+            "recheck (SDK, SQLite)",
+            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Sdk)),
+        ),
         (Part::Outbox, "outbox", Box::pin(outbox::run(&env))),
     ];
     for (part, name, step) in steps {

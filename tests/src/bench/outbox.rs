@@ -123,11 +123,7 @@ async fn measure(
         elapsed_s,
         per_s: created.done as f64 / elapsed_s.max(1e-3),
         latency_us: Latency::of(&created.latency),
-        offered: Some(Offered {
-            rate_per_s: o.offered_rate,
-            orders: offered.done,
-            latency_us: Latency::of(&offered.latency),
-        }),
+        offered: Offered::at(o.offered_rate, &offered),
         extra_producer_db_writes_per_msg: (outbox_rows + marked) as f64 / committed.len().max(1) as f64,
         processes,
         notes: vec![format!(

@@ -74,11 +74,7 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
         elapsed_s,
         per_s: n as f64 / elapsed_s.max(1e-3),
         latency_us: Latency::of(&created.latency),
-        offered: Some(Offered {
-            rate_per_s: o.offered_rate,
-            orders: offered.done,
-            latency_us: Latency::of(&offered.latency),
-        }),
+        offered: Offered::at(o.offered_rate, &offered),
         extra_producer_db_writes_per_msg: 0.0,
         processes,
         notes: vec![format!(

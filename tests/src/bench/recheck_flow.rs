@@ -1,14 +1,20 @@
 //! **recheck**: the three real binaries (upstream-demo, downstream-demo, callback-service) on one
 //! broker, driven through `Orders/CreateOrder`; the callback store on SQLite or PostgreSQL. A
 //! message is reconciled when the callback store says `confirmed`.
+//!
+//! **recheck (SDK)**: Recheck's own cost, without the order service's. The bench process is the
+//! producer — `Producer::prepare` then `Prepared::publish`, as many in flight as raw, no order
+//! database and no gRPC — against the same consumer and callback service (upstream-demo only
+//! answers the hook). Beside raw it shows what the pattern itself costs; beside `recheck
+//! (SQLite)` what the demo's per-order transaction and `CreateOrder` call add.
 
 use anyhow::{Context, Result};
-use recheck::Topology;
+use recheck::{Event, Producer, ProducerConfig, Topology, topology::parse_tiers};
 use tokio::time::Instant;
 
 use super::{
     Env, POLL, broker, count_rows,
-    load::{self, Latency},
+    load::{self, Driven, Latency},
     procfs::{Meter, Target},
     report::{Offered, Scenario},
     wait_rows,
@@ -31,16 +37,30 @@ impl CallbackStore {
     }
 }
 
+/// Who produces the business messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// upstream-demo, through `CreateOrder` (order row and commit included).
+    Orders,
+    /// The bench process, through the SDK alone.
+    Sdk,
+}
+
 const CONFIRMED: &str = "SELECT COUNT(*) FROM messages WHERE status = 'confirmed'";
 
-pub async fn run(env: &Env<'_>, store: CallbackStore) -> Result<Scenario> {
+pub async fn run(env: &Env<'_>, store: CallbackStore, source: Source) -> Result<Scenario> {
     let o = &env.options;
     let vhost = env.fresh_vhost().await?;
     let callback_database_url = match store {
         CallbackStore::Sqlite => None,
         CallbackStore::Postgres => Some(env.postgres.fresh_database().await?.url),
     };
-    let dir = o.out.join(format!("recheck-{}", store.label().to_lowercase()));
+    let label = store.label();
+    let (name, dir) = match source {
+        Source::Orders => (format!("recheck ({label})"), format!("recheck-{}", label.to_lowercase())),
+        Source::Sdk => (format!("recheck (SDK, {label})"), format!("recheck-sdk-{}", label.to_lowercase())),
+    };
+    let dir = o.out.join(dir);
     let deploy = DeployOptions {
         tiers: o.tiers.clone(),
         check_delay: o.check_delay_text(),
@@ -48,7 +68,7 @@ pub async fn run(env: &Env<'_>, store: CallbackStore) -> Result<Scenario> {
         ..DeployOptions::new(dir, vhost.url.clone())
     };
     let deployment = Deployment::start(&env.bin_dir, &deploy).await?;
-    let result = measure(env, &deployment, store, &vhost.url).await;
+    let result = measure(env, &deployment, store, source, name, &vhost.url).await;
     let stopped = deployment.stop().await;
     let scenario = result?;
     stopped?;
@@ -59,69 +79,104 @@ async fn measure(
     env: &Env<'_>,
     deployment: &Deployment,
     store: CallbackStore,
+    source: Source,
+    name: String,
     amqp_url: &str,
 ) -> Result<Scenario> {
     let o = &env.options;
-    let addr = format!("http://127.0.0.1:{}", deployment.orders_port);
+    let tiers = parse_tiers(&o.tiers).map_err(anyhow::Error::msg)?;
+    let link = broker::publisher(amqp_url, "bench-recheck").await?;
+    let producer = Producer::new(
+        link.clone(),
+        Topology::new("recheck", tiers.clone()),
+        // The name upstream-demo's hook answers for.
+        ProducerConfig { check_delay: o.check_delay, ..ProducerConfig::new("orders") },
+    );
+    let orders = format!("http://127.0.0.1:{}", deployment.orders_port);
+    // One load phase: `count` creates from index `first`, at `rate` (0 = as fast as they go).
+    let phase = |first: u64, count: u64, rate: u64| {
+        let (producer, orders) = (&producer, &orders);
+        async move {
+            Ok::<Driven, anyhow::Error>(match source {
+                Source::Orders => load::create_orders(orders, count, rate, o.concurrency).await?,
+                Source::Sdk => load::drive(count, rate, o.window, |i| sdk_create(producer, first + i)).await,
+            })
+        }
+    };
     let (callback_db, _) = recheck::db::connect(&deployment.callback_db).await?;
 
     // The offered load first (it also warms the services up), settled before the saturated run.
-    let offered = load::create_orders(&addr, o.offered_orders, o.offered_rate, o.concurrency).await?;
-    offered.ensure_ok("recheck: CreateOrder at the offered load")?;
+    let offered = phase(0, o.offered_orders, o.offered_rate).await?;
+    offered.ensure_ok(&format!("{name}: creates at the offered load"))?;
     wait_rows(&callback_db, CONFIRMED, offered.done, POLL, o.deadline)
         .await
-        .context("recheck: offered load")?;
+        .with_context(|| format!("{name}: offered load"))?;
 
     let pid = |role| deployment.pid(role).with_context(|| format!("{role} is not running"));
+    let producer_target = match source {
+        Source::Orders => ("upstream-demo (producer)".to_owned(), Target::Fresh(pid(Role::Upstream)?)),
+        Source::Sdk => ("bench (producer)".to_owned(), Target::Shared(std::process::id())),
+    };
     let mut targets = vec![
-        ("upstream-demo (producer)".to_owned(), Target::Fresh(pid(Role::Upstream)?)),
+        producer_target,
         ("downstream-demo (consumer)".to_owned(), Target::Fresh(pid(Role::Downstream)?)),
         ("callback-service".to_owned(), Target::Fresh(pid(Role::Callback(0))?)),
     ];
     targets.extend(env.server_targets(store == CallbackStore::Postgres));
     let meter = Meter::start(targets);
-    let created = load::create_orders(&addr, o.messages, 0, o.concurrency).await?;
-    created.ensure_ok("recheck: CreateOrder")?;
+    let created = phase(o.offered_orders, o.messages, 0).await?;
+    created.ensure_ok(&format!("{name}: creates"))?;
     let total = offered.done + created.done;
-    wait_rows(&callback_db, CONFIRMED, total, POLL, o.deadline).await.context("recheck: saturated load")?;
+    wait_rows(&callback_db, CONFIRMED, total, POLL, o.deadline)
+        .await
+        .with_context(|| format!("{name}: saturated load"))?;
     let last_confirmed_ms = count_rows(&callback_db, "SELECT MAX(updated_at) FROM messages").await?;
     // The checks of the last messages are part of their cost: let them come due and be handled.
-    let topology =
-        Topology::new("recheck", recheck::topology::parse_tiers(&o.tiers).map_err(anyhow::Error::msg)?);
+    let topology = Topology::new("recheck", tiers);
     let mut queues: Vec<String> = topology.tiers.iter().map(|t| topology.tier_queue(*t)).collect();
     queues.push(topology.checks_queue());
-    let link = broker::publisher(amqp_url, "bench-probe").await?;
     broker::wait_drained(&link.create_channel().await?, &queues, Instant::now() + o.deadline).await?;
-    link.close().await;
     let processes = meter.finish(created.done).await;
+    link.close().await;
     callback_db.close().await;
 
-    let verdict = deployment.verdict().await?;
     let batches = super::batch_sizes(deployment).await;
+    let verdict = deployment.verdict().await?;
+    let (lost, create) = match source {
+        // Committed orders not in the consumer's effects.
+        Source::Orders => (
+            verdict.lost,
+            format!(
+                "create = CreateOrder over gRPC (CHECK group commit → order insert + commit → answer; \
+                 the business message is published after the answer), {} in flight",
+                o.concurrency
+            ),
+        ),
+        // No order store: every prepared message was waited for until `confirmed` above.
+        Source::Sdk => (
+            0,
+            format!(
+                "create = `prepare` (CHECK group commit) then `publish`, both broker-confirmed, {} in \
+                 flight, from the bench process: no order database, no gRPC; lost = prepared and \
+                 published but never `confirmed` (the run fails then)",
+                o.window
+            ),
+        ),
+    };
     let elapsed_s = (last_confirmed_ms - created.started_ms) as f64 / 1000.0;
     Ok(Scenario {
-        name: format!("recheck ({})", store.label()),
+        name,
         messages: created.done,
-        lost: verdict.lost,
+        lost,
         elapsed_s,
         per_s: created.done as f64 / elapsed_s.max(1e-3),
         latency_us: Latency::of(&created.latency),
-        offered: Some(Offered {
-            rate_per_s: o.offered_rate,
-            orders: offered.done,
-            latency_us: Latency::of(&offered.latency),
-        }),
-        extra_producer_db_writes_per_msg: verdict.hook_calls as f64 / verdict.committed.max(1) as f64,
+        offered: Offered::at(o.offered_rate, &offered),
+        extra_producer_db_writes_per_msg: verdict.hook_calls as f64 / total.max(1) as f64,
         processes,
         notes: vec![
+            format!("{create}; check delay {}", o.check_delay_text()),
             batches,
-            format!(
-                "create = CreateOrder over gRPC (CHECK group commit → order insert + commit → answer; the \
-                 business message is published after the answer), \
-                 {} in flight; check delay {}",
-                o.concurrency,
-                o.check_delay_text()
-            ),
             format!(
                 "{} resends ({} messages), {} duplicates absorbed by the inbox, {} pending at the end; \
                  extra producer-DB writes are upstream-demo's audit rows of resend-hook calls",
@@ -129,4 +184,21 @@ async fn measure(
             ),
         ],
     })
+}
+
+/// One order's message through the SDK: CHECK, then the business message (the payload the
+/// consumer's effect reads).
+async fn sdk_create(producer: &Producer, i: u64) -> Result<()> {
+    let order_id = format!("sdk-{i}");
+    let payload = serde_json::json!({
+        "order_id": order_id, "customer": format!("customer-{}", i % 100), "amount_cents": 100 + i % 900,
+    });
+    let event = Event {
+        routing_key: "order.created".into(),
+        business_key: order_id,
+        payload: payload.to_string().into_bytes(),
+        expect: Some(vec!["points".into()]),
+    };
+    producer.prepare(event).await?.publish().await?;
+    Ok(())
 }

@@ -39,6 +39,13 @@ pub struct Offered {
     pub latency_us: Latency,
 }
 
+impl Offered {
+    /// What a load phase driven at `rate_per_s` saw.
+    pub fn at(rate_per_s: u64, driven: &super::load::Driven) -> Option<Self> {
+        Some(Self { rate_per_s, orders: driven.done, latency_us: Latency::of(&driven.latency) })
+    }
+}
+
 /// The callback service alone against a pre-filled queue.
 #[derive(Debug, Clone, Serialize)]
 pub struct CallbackRates {
