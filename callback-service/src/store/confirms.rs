@@ -5,7 +5,9 @@
 //! Per chunk: create the missing rows, read their status, read the stored confirms of the
 //! messages that expect several consumers, upsert the confirms, decide each message in memory
 //! exactly as applying its confirms one by one would ([`settling`]), move the rows (one UPDATE
-//! per (from, to)), append the history.
+//! per (from, to)), append the history. Only full chunks keep their prepared statement (one text
+//! each; compiling a 1 000-row statement costs SQLite about as much as running it); partial ones
+//! vary in length and would only churn the statement cache.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -198,7 +200,7 @@ async fn insert_missing(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Resul
              ON CONFLICT (message_id) DO NOTHING",
             tuples(ids.len(), 2, &[None, Some("'pending'"), Some("$1"), Some("$1")])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(ids.len() == CHUNK_ROWS).bind(now);
         for id in ids {
             query = query.bind(*id);
         }
@@ -215,8 +217,8 @@ async fn read_rows(tx: &mut AnyConnection, ids: &[&str]) -> Result<HashMap<Strin
             "SELECT message_id, status, expect, attempt FROM messages WHERE message_id IN ({})",
             placeholders(ids.len(), 1)
         );
-        let mut query =
-            sqlx::query_as::<_, (String, String, Option<String>, i64)>(AssertSqlSafe(sql)).persistent(false);
+        let mut query = sqlx::query_as::<_, (String, String, Option<String>, i64)>(AssertSqlSafe(sql))
+            .persistent(ids.len() == CHUNK_ROWS);
         for id in ids {
             query = query.bind(*id);
         }
@@ -248,7 +250,8 @@ async fn read_confirms(
             "SELECT message_id, consumer, outcome FROM confirms WHERE message_id IN ({})",
             placeholders(ids.len(), 1)
         );
-        let mut query = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql)).persistent(false);
+        let mut query = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql))
+            .persistent(ids.len() == CHUNK_ROWS);
         for id in ids {
             query = query.bind(*id);
         }
@@ -284,7 +287,7 @@ async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -
              WHERE confirms.outcome = 'duplicate'",
             tuples(rows.len(), 2, &[None, None, None, None, None, Some("$1")])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(rows.len() == CHUNK_ROWS).bind(now);
         for item in rows {
             query = query
                 .bind(item.id.as_str())
@@ -317,7 +320,7 @@ async fn move_rows<'a>(tx: &mut AnyConnection, mut moves: Vec<Move<'a>>, now: i6
                     placeholders(ids.len(), 4)
                 );
                 let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-                    .persistent(false)
+                    .persistent(ids.len() == CHUNK_ROWS)
                     .bind(to)
                     .bind(now)
                     .bind(from);
@@ -358,7 +361,7 @@ async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], now: i64) ->
             "INSERT INTO history (message_id, at, from_status, to_status, attempt, reason) VALUES {}",
             tuples(moved.len(), 2, &[None, Some("$1"), None, None, None, None])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(moved.len() == CHUNK_ROWS).bind(now);
         for m in moved {
             query = query
                 .bind(m.id)
