@@ -26,8 +26,8 @@ use super::{
     wait_rows,
 };
 
-/// Prefetch of the service's checks consumer (its default): deliveries it takes at once.
-const CHECK_PREFETCH: u64 = 256;
+/// Prefetch of the service's checks consumer (its default, `--check-prefetch`): deliveries it takes at once.
+const CHECK_PREFETCH: u64 = 32;
 
 /// A fresh vhost and store, the topology declared, and a publisher to fill queues with.
 struct Stage {
