@@ -2,9 +2,11 @@
 //! CONFIRM) and each waits for that message's confirm. This is what turns four
 //! broker enqueues per business message into about one.
 //!
-//! A batch leaves as soon as a flush slot is free, and gathers callers while
-//! every slot is busy: when idle a caller pays one confirm and no linger, under
-//! load the batches grow with the confirm latency (no timer decides the size).
+//! A batch leaves as soon as a flush slot is free and `spacing` has passed since
+//! the one before; it gathers callers until then. An idle caller pays one confirm
+//! and no wait; under load batches grow with the confirm latency and the spacing,
+//! which caps the broker messages a second (each CHECK costs the broker several
+//! quorum-queue writes, whatever its size).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -21,9 +23,9 @@ use crate::{Error, Result};
 /// How big a batch may get, and how many are flushed at once.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
-    /// Extra wait after the first item before a batch may leave (0: leave as soon as a
-    /// slot is free). Only worth setting when batch size matters more than latency.
-    pub linger: Duration,
+    /// Least time between two batches leaving: callers within it share the next batch. A
+    /// caller after a quiet spell does not wait; under load this is at most the wait it adds.
+    pub spacing: Duration,
     /// A batch leaves with at most this many items.
     pub max_items: usize,
     /// Batches being flushed at once (each awaits its broker confirm). Few slots make big
@@ -33,7 +35,7 @@ pub struct GroupCommitConfig {
 
 impl Default for GroupCommitConfig {
     fn default() -> Self {
-        Self { linger: Duration::ZERO, max_items: 500, max_in_flight: 2 }
+        Self { spacing: Duration::from_millis(5), max_items: 500, max_in_flight: 2 }
     }
 }
 
@@ -92,12 +94,13 @@ async fn gather<T, F, Fut>(
 {
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let mut closed = false;
+    let mut last_left: Option<Instant> = None;
     while let Some((items, waiter)) = rx.recv().await {
         let mut batch = Batch { items, waiters: vec![waiter] };
         let full = |b: &Batch<T>| b.items.len() >= config.max_items;
-        let deadline = Instant::now() + config.linger;
-        while !config.linger.is_zero() && !full(&batch) {
-            match timeout_at(deadline, rx.recv()).await {
+        let not_before = last_left.map_or_else(Instant::now, |t| t + config.spacing);
+        while Instant::now() < not_before && !full(&batch) {
+            match timeout_at(not_before, rx.recv()).await {
                 Ok(Some(more)) => batch.take(more),
                 Ok(None) => {
                     closed = true;
@@ -134,6 +137,7 @@ async fn gather<T, F, Fut>(
         {
             batch.take(more);
         }
+        last_left = Some(Instant::now());
         let Batch { items, waiters } = batch;
         let flush = flush.clone();
         tracker.spawn(async move {
@@ -172,7 +176,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
         let seen = batches.clone();
         let config =
-            GroupCommitConfig { linger: Duration::from_millis(50), max_items: 100, max_in_flight: 4 };
+            GroupCommitConfig { spacing: Duration::from_millis(50), max_items: 100, max_in_flight: 4 };
         let gc = Arc::new(GroupCommit::spawn(config, move |items: Vec<u32>| {
             let seen = seen.clone();
             async move {
@@ -205,12 +209,27 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn batches_leave_at_least_spacing_apart() {
+        let spacing = Duration::from_millis(5);
+        let config = GroupCommitConfig { spacing, ..Default::default() };
+        let gc = GroupCommit::spawn(config, |_items: Vec<u32>| async { Ok(()) });
+        let started = Instant::now();
+        gc.submit(1).await.unwrap();
+        gc.submit(2).await.unwrap();
+        assert_eq!(started.elapsed(), spacing, "the second batch waits out the spacing");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let quiet = Instant::now();
+        gc.submit(3).await.unwrap();
+        assert_eq!(quiet.elapsed(), Duration::ZERO, "after a quiet spell no wait");
+    }
+
     #[tokio::test]
     async fn callers_gather_while_every_slot_is_busy() {
         let batches = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (seen, open) = (batches.clone(), gate.clone());
-        let config = GroupCommitConfig { max_in_flight: 1, ..Default::default() };
+        let config = GroupCommitConfig { max_in_flight: 1, spacing: Duration::ZERO, ..Default::default() };
         let gc = Arc::new(GroupCommit::spawn(config, move |items: Vec<u32>| {
             seen.lock().unwrap().push(items);
             let open = open.clone();
@@ -250,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_flush_fails_every_caller_of_that_batch() {
-        let config = GroupCommitConfig { linger: Duration::from_millis(20), ..Default::default() };
+        let config = GroupCommitConfig { spacing: Duration::from_millis(20), ..Default::default() };
         let gc = Arc::new(GroupCommit::spawn(config, |_items: Vec<u32>| async {
             Err(Error::Nacked { exchange: "x".into() })
         }));

@@ -82,7 +82,7 @@ async fn a_check_on_the_1s_tier_reaches_the_checks_queue_after_its_delay() {
 async fn concurrent_prepares_share_check_messages() {
     let (_vhost, publisher, topology) = fresh_broker().await;
     let mut config = ProducerConfig { check_delay: Duration::from_secs(1), ..ProducerConfig::new("orders") };
-    config.group_commit.linger = Duration::from_millis(20);
+    config.group_commit.spacing = Duration::from_millis(20);
     let producer = Producer::new(publisher.clone(), topology.clone(), config);
 
     let tasks: Vec<_> = (0..200)
