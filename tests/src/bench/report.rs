@@ -232,8 +232,8 @@ impl fmt::Display for Report {
         if !self.callback_rates.is_empty() {
             writeln!(
                 f,
-                "| callback store | pre-filled | confirm ingest /s | checks /s, first (row filled in) | \
-                 checks /s, again (read only) | CPU s / 1k: confirms · checks · again | peak RSS (MB) |"
+                "| callback store | pre-filled | confirm ingest /s | checks /s, first pass | \
+                 checks /s, again | CPU s / 1k: confirms · checks · again | peak RSS (MB) |"
             )?;
             writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
             for c in &self.callback_rates {
