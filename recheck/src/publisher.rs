@@ -348,16 +348,35 @@ impl Publisher {
 /// a stale connection that recovers would replay its channels and consumers, and deliveries
 /// to a consumer nobody reads stay unacked for as long as the process lives.
 fn retire(old: Arc<Link>) {
+    let status = old.connection.status().clone();
+    retire_when_up(
+        move || status.connected(),
+        move || {
+            let old = old.clone();
+            async move {
+                let _ = old.connection.close(200, "replaced".into()).await;
+            }
+        },
+    );
+}
+
+/// Watches something lapin may still be recovering (a connection or a channel given up on) and
+/// closes it whenever it is up, for lapin's whole recovery window.
+pub(crate) fn retire_when_up<C, F, Fut>(up: C, close: F)
+where
+    C: Fn() -> bool + Send + 'static,
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     // lapin's default recovery gives up after 16 attempts, backoff capped at 60 s. The whole
     // window, not until a first close or error: lapin's state is no reliable end of recovery.
     const WATCH: Duration = Duration::from_secs(20 * 60);
     tokio::spawn(async move {
         let until = Instant::now() + WATCH;
         while Instant::now() < until {
-            let status = old.connection.status();
-            if status.connected() {
+            if up() {
                 // Closing may itself hang on a half-dead connection: bounded.
-                let _ = timeout(Duration::from_secs(5), old.connection.close(200, "replaced".into())).await;
+                let _ = timeout(Duration::from_secs(5), close()).await;
             }
             sleep(Duration::from_secs(1)).await;
         }

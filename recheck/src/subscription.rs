@@ -102,7 +102,20 @@ impl Subscription {
             match attempt.await {
                 Ok((channel, deliveries)) => {
                     tracing::info!(queue = %self.config.queue, "consuming again");
-                    (self.channel, self.deliveries) = (channel, deliveries);
+                    let old = std::mem::replace(&mut self.channel, channel);
+                    self.deliveries = deliveries;
+                    // If lapin brings the old channel back, its consumer would take a share of
+                    // the queue (up to the prefetch) that nobody reads: close it whenever it is up.
+                    let status = old.status().clone();
+                    crate::publisher::retire_when_up(
+                        move || status.connected(),
+                        move || {
+                            let old = old.clone();
+                            async move {
+                                let _ = old.close(200, "resubscribed".into()).await;
+                            }
+                        },
+                    );
                     return Ok(());
                 }
                 Err(e) => tracing::warn!(queue = %self.config.queue, error = %e, ?backoff, "resubscribing"),

@@ -59,6 +59,42 @@ async fn points_rows(store: &Store, key: &str) -> i64 {
         .unwrap()
 }
 
+/// A fresh vhost, the consumer's queue and `points` table on `store`, a producer, and the points
+/// consumer on `queue` (not started).
+struct PointsSetup<E> {
+    _vhost: recheck_tests::Vhost,
+    publisher: recheck::Publisher,
+    topology: recheck::Topology,
+    channel: lapin::Channel,
+    producer: Producer,
+    consumer: ConsumerLoop<E>,
+}
+
+impl<E: Effect> PointsSetup<E> {
+    async fn new(store: &Store, queue: &str, effect: E) -> Self {
+        let (_vhost, publisher, topology) = fresh_broker().await;
+        let channel = publisher.create_channel().await.unwrap();
+        topology.declare_consumer_queue(&channel, queue, &["order.created"]).await.unwrap();
+        Inbox::migrate(&store.pool).await.unwrap();
+        sqlx::query("CREATE TABLE points (message_id TEXT PRIMARY KEY, business_key TEXT NOT NULL)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let producer = Producer::new(publisher.clone(), topology.clone(), ProducerConfig::new("orders"));
+        let confirmer =
+            Confirmer::new(publisher.clone(), topology.clone(), "points", GroupCommitConfig::default());
+        let consumer = ConsumerLoop::new(
+            store.pool.clone(),
+            publisher.clone(),
+            topology.clone(),
+            confirmer,
+            effect,
+            ConsumerConfig::new("points", queue),
+        );
+        Self { _vhost, publisher, topology, channel, producer, consumer }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_rejections_failures_and_poison_on_both_stores() {
     for store in fresh_stores().await {
@@ -68,27 +104,9 @@ async fn duplicates_rejections_failures_and_poison_on_both_stores() {
 
 async fn run_consumer_cases(store: &Store) {
     let label = store.label;
-    let (_vhost, publisher, topology) = fresh_broker().await;
-    let channel = publisher.create_channel().await.unwrap();
-    topology.declare_consumer_queue(&channel, "points.orders", &["order.created"]).await.unwrap();
-    Inbox::migrate(&store.pool).await.unwrap();
-    sqlx::query("CREATE TABLE points (message_id TEXT PRIMARY KEY, business_key TEXT NOT NULL)")
-        .execute(&store.pool)
-        .await
-        .unwrap();
-
-    let producer = Producer::new(publisher.clone(), topology.clone(), ProducerConfig::new("orders"));
-    let confirmer =
-        Confirmer::new(publisher.clone(), topology.clone(), "points", GroupCommitConfig::default());
     let effect = Points { flaky_failures: AtomicUsize::new(0) };
-    let consumer = ConsumerLoop::new(
-        store.pool.clone(),
-        publisher.clone(),
-        topology.clone(),
-        confirmer,
-        effect,
-        ConsumerConfig::new("points", "points.orders"),
-    );
+    let PointsSetup { _vhost, publisher, topology, channel, producer, consumer } =
+        PointsSetup::new(store, "points.orders", effect).await;
     let stop = CancellationToken::new();
     let running = tokio::spawn(consumer.run(stop.clone()));
 
@@ -189,29 +207,12 @@ async fn batches_with_twins_failures_and_rejections_on_both_stores() {
 
 async fn run_batch_cases(store: &Store) {
     let label = store.label;
-    let (_vhost, publisher, topology) = fresh_broker().await;
-    let channel = publisher.create_channel().await.unwrap();
     let queue = "points.batches";
-    topology.declare_consumer_queue(&channel, queue, &["order.created"]).await.unwrap();
-    Inbox::migrate(&store.pool).await.unwrap();
-    sqlx::query("CREATE TABLE points (message_id TEXT PRIMARY KEY, business_key TEXT NOT NULL)")
-        .execute(&store.pool)
-        .await
-        .unwrap();
-    let producer = Producer::new(publisher.clone(), topology.clone(), ProducerConfig::new("orders"));
-    let confirmer =
-        Confirmer::new(publisher.clone(), topology.clone(), "points", GroupCommitConfig::default());
     let calls = Arc::new(Mutex::new(HashMap::new()));
     let effect =
         CountedPoints { points: Points { flaky_failures: AtomicUsize::new(0) }, calls: calls.clone() };
-    let consumer = ConsumerLoop::new(
-        store.pool.clone(),
-        publisher.clone(),
-        topology.clone(),
-        confirmer,
-        effect,
-        ConsumerConfig::new("points", queue),
-    );
+    let PointsSetup { _vhost, publisher, topology, channel, producer, consumer } =
+        PointsSetup::new(store, queue, effect).await;
     let mut confirms = Drain::new(&channel, &topology.confirms_queue()).await;
 
     // Publishes `messages`, waits until all are queued, then hands them to one `handle_batch`:
