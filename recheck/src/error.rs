@@ -25,6 +25,8 @@ pub enum Error {
     Tls(#[from] crate::tls::TlsError),
     #[error("the SDK is shutting down")]
     Closed,
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// One failure shared by every caller of a group-committed batch.
     #[error("{0}")]
     Batch(Arc<Error>),

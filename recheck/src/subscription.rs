@@ -94,12 +94,18 @@ impl Subscription {
     async fn resubscribe(&mut self, shutdown: &CancellationToken) -> Result<()> {
         let mut backoff = Duration::from_millis(200);
         loop {
+            let within = self.publisher.config().publish_timeout;
             let attempt = async {
-                let deadline = Instant::now() + self.publisher.config().publish_timeout;
-                self.publisher.ensure_connected(deadline).await?;
+                self.publisher.ensure_connected(Instant::now() + within).await?;
                 subscribe(&self.publisher, &self.config).await
             };
-            match attempt.await {
+            // Bounded, and given up at shutdown: lapin can leave a channel or consume request on
+            // a half-recovered connection unanswered for good (a service then hung on SIGTERM).
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return Err(Error::Closed),
+                attempt = timeout(within, attempt) => attempt.unwrap_or(Err(Error::Timeout(within))),
+            };
+            match attempt {
                 Ok((channel, deliveries)) => {
                     tracing::info!(queue = %self.config.queue, "consuming again");
                     let old = std::mem::replace(&mut self.channel, channel);
