@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     Result,
+    db::{placeholders, tuples},
     message::{Outcome, now_ms},
 };
 
@@ -97,11 +98,7 @@ impl Inbox {
         let mut first = HashSet::with_capacity(copies.len());
         let now = now_ms();
         for chunk in copies.chunks(CHUNK) {
-            // Only `$n` placeholders are formatted in; every value is bound.
-            let rows = (0..chunk.len())
-                .map(|i| format!("($1, ${}, $2, $3, ${})", 4 + 2 * i, 5 + 2 * i))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let rows = tuples(chunk.len(), 4, &[Some("$1"), None, Some("$2"), Some("$3"), None]);
             let sql = format!(
                 "INSERT INTO recheck_inbox (consumer, message_id, outcome, processed_at, seen) VALUES {rows}
                  ON CONFLICT (consumer, message_id) DO UPDATE SET seen = recheck_inbox.seen + excluded.seen
@@ -177,7 +174,7 @@ impl Inbox {
     ) -> Result<HashMap<Uuid, Prior>> {
         let mut found = HashMap::with_capacity(message_ids.len());
         for chunk in message_ids.chunks(CHUNK) {
-            let binds = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+            let binds = placeholders(chunk.len(), 2);
             let sql = format!(
                 "SELECT message_id, outcome, detail FROM recheck_inbox WHERE consumer = $1 AND message_id IN ({binds})"
             );

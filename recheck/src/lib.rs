@@ -13,7 +13,8 @@
 //! - [`auth`]: bearer tokens on gRPC servers (the hook, the callback service's Admin API).
 //! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
 //! - [`signing`]: HMAC-SHA256 signatures on CONFIRMs, per consumer key.
-//! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way.
+//! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way; `$n`
+//!   placeholders for set-based statements.
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.

@@ -14,7 +14,10 @@ mod queries;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use recheck::message::Outcome;
+use recheck::{
+    db::{placeholders, tuples},
+    message::Outcome,
+};
 use sqlx::{AnyPool, migrate::Migrator};
 use uuid::Uuid;
 
@@ -160,38 +163,6 @@ impl Store {
 /// Most rows (or ids) one set-based statement carries: its binds stay far below SQLite's 32 766
 /// and PostgreSQL's 65 535.
 const CHUNK_ROWS: usize = 1000;
-
-/// `$first, $first+1, …`: `n` placeholders. Batched statements format only placeholders into
-/// their SQL and bind every value. (sqlx's `QueryBuilder<Any>` writes `?`, which PostgreSQL
-/// refuses: sqlx issue #3000.)
-fn placeholders(n: usize, first: usize) -> String {
-    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
-}
-
-/// `(…), (…)`: `rows` tuples of `columns`, each `None` a new placeholder (numbered on from
-/// `first`) and each `Some` that SQL (a literal, or a placeholder shared by every row).
-fn tuples(rows: usize, first: usize, columns: &[Option<&str>]) -> String {
-    let width = columns.iter().filter(|c| c.is_none()).count();
-    let mut sql = String::with_capacity(rows * columns.len() * 8);
-    for row in 0..rows {
-        let mut next = first + row * width;
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for (i, column) in columns.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            match column {
-                Some(text) => sql.push_str(text),
-                None => {
-                    sql.push_str(&format!("${next}"));
-                    next += 1;
-                }
-            }
-        }
-        sql.push(')');
-    }
-    sql
-}
 
 pub(crate) fn id_text(id: Uuid) -> String {
     id.to_string()

@@ -185,8 +185,7 @@ impl Store {
         if message_ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let binds = (1..=message_ids.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-        // Only the `$n` placeholders are formatted in; the ids are bound.
+        let binds = super::placeholders(message_ids.len(), 1);
         let sql = format!(
             "SELECT message_id, reason FROM history WHERE id IN
              (SELECT MAX(id) FROM history WHERE message_id IN ({binds}) GROUP BY message_id)"
