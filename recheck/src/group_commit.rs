@@ -93,10 +93,11 @@ async fn gather<T, F, Fut>(
     Fut: Future<Output = Result<()>> + Send + 'static,
 {
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-    let mut closed = false;
     let mut last_left: Option<Instant> = None;
     while let Some((items, waiter)) = rx.recv().await {
         let mut batch = Batch { items, waiters: vec![waiter] };
+        // Every sender is gone: flush what is here; the next `recv` ends the loop.
+        let mut closed = false;
         let full = |b: &Batch<T>| b.items.len() >= config.max_items;
         let not_before = last_left.map_or_else(Instant::now, |t| t + config.spacing);
         while Instant::now() < not_before && !full(&batch) {
@@ -111,13 +112,7 @@ async fn gather<T, F, Fut>(
         }
         // Wait for a slot, taking in callers meanwhile.
         let permit = loop {
-            while !closed && !full(&batch) {
-                match rx.try_recv() {
-                    Ok(more) => batch.take(more),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => closed = true,
-                }
-            }
+            closed |= batch.drain(&mut rx, config.max_items);
             if closed || full(&batch) {
                 break in_flight.clone().acquire_owned().await;
             }
@@ -132,11 +127,7 @@ async fn gather<T, F, Fut>(
         }
         .expect("semaphore never closed");
         // Callers that came in while the slot was being granted still make this batch.
-        while !full(&batch)
-            && let Ok(more) = rx.try_recv()
-        {
-            batch.take(more);
-        }
+        batch.drain(&mut rx, config.max_items);
         last_left = Some(Instant::now());
         let Batch { items, waiters } = batch;
         let flush = flush.clone();
@@ -148,9 +139,6 @@ async fn gather<T, F, Fut>(
             }
             drop(permit);
         });
-        if closed {
-            break;
-        }
     }
 }
 
@@ -163,6 +151,18 @@ impl<T> Batch<T> {
     fn take(&mut self, (items, waiter): (Vec<T>, Waiter)) {
         self.items.extend(items);
         self.waiters.push(waiter);
+    }
+
+    /// Takes the callers already queued, up to `max_items`; `true` once every sender is gone.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<(Vec<T>, Waiter)>, max_items: usize) -> bool {
+        while self.items.len() < max_items {
+            match rx.try_recv() {
+                Ok(more) => self.take(more),
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
+            }
+        }
+        false
     }
 }
 
