@@ -10,7 +10,6 @@ use std::sync::Arc;
 use recheck::{Event, Producer};
 use recheck_proto::demo::v1::{CreateOrderRequest, CreateOrderResponse, Fault, orders_server::Orders};
 use tokio::sync::Semaphore;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -26,10 +25,9 @@ pub const EXPECTED_CONSUMER: &str = "points";
 pub struct OrdersService {
     store: Store,
     producer: Producer,
-    /// Business publishes still waiting for their broker confirm.
-    publishes: TaskTracker,
-    /// Bounds them: past it a caller waits for a slot, so a producer faster than the broker is
-    /// held back instead of piling up publishes (which would come late, after their checks).
+    /// One permit per business publish still waiting for its broker confirm. Bounded: past it a
+    /// caller waits for a slot, so a producer faster than the broker is held back instead of
+    /// piling up publishes (which would come late, after their checks).
     publish_slots: Arc<Semaphore>,
 }
 
@@ -38,14 +36,13 @@ const MAX_BACKGROUND_PUBLISHES: usize = 256;
 
 impl OrdersService {
     pub fn new(store: Store, producer: Producer) -> Self {
-        let publish_slots = Arc::new(Semaphore::new(MAX_BACKGROUND_PUBLISHES));
-        Self { store, producer, publishes: TaskTracker::new(), publish_slots }
+        Self { store, producer, publish_slots: Arc::new(Semaphore::new(MAX_BACKGROUND_PUBLISHES)) }
     }
 
-    /// Waits for the business publishes under way (before the broker connection closes).
+    /// Waits for the business publishes under way (before the broker connection closes): every
+    /// slot free again.
     pub async fn flush(&self) {
-        self.publishes.close();
-        self.publishes.wait().await;
+        let _all = self.publish_slots.acquire_many(MAX_BACKGROUND_PUBLISHES as u32).await;
     }
 
     /// One order, callable without gRPC.
@@ -109,7 +106,7 @@ impl OrdersService {
                     tracing::warn!(%message_id, error = %e, "publish failed after commit; the CHECK will resend it");
                 }
             };
-            self.publishes.spawn(publish.in_current_span());
+            tokio::spawn(publish.in_current_span());
         }
         tracing::debug!(%order_id, published, "order created");
         Ok(CreateOrderResponse { order_id, message_id: message_id.to_string(), committed: true, published })
