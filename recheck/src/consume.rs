@@ -300,29 +300,20 @@ impl<E: Effect> ConsumerLoop<E> {
             let span = message_span(d, h, spans);
             // The first copy of a first-seen id applies the effect; later copies are duplicates.
             let (outcome, detail) = if first.remove(&id) {
-                match self.effect.apply(tx, &incoming(d, h)).instrument(span.clone()).await {
-                    Ok(Applied::Processed) => {
-                        report.processed += 1;
-                        (Outcome::Processed, None)
-                    }
-                    Ok(Applied::Rejected(reason)) => {
-                        self.inbox.mark_rejected(tx, id, &reason).await?;
-                        report.rejected += 1;
+                match self.apply(tx, d, h, &span, report).await? {
+                    Ok((Outcome::Rejected, detail)) => {
                         // A later copy in this batch re-confirms the rejection, as a later batch would.
-                        prior.insert(id, Prior { outcome: Outcome::Rejected, detail: Some(reason.clone()) });
-                        (Outcome::Rejected, Some(reason))
+                        prior.insert(id, Prior { outcome: Outcome::Rejected, detail: detail.clone() });
+                        (Outcome::Rejected, detail)
                     }
+                    Ok(done) => done,
                     Err(e) => {
                         failed(d, h, span, &e);
                         return Ok(Err(i));
                     }
                 }
             } else {
-                report.duplicates += 1;
-                match prior.get(&id) {
-                    Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail.clone()),
-                    _ => (Outcome::Duplicate, None),
-                }
+                duplicate(prior.get(&id).cloned(), report)
             };
             span.in_scope(|| tracing::debug!(outcome = outcome.as_str(), "message handled"));
             confirms.push(Confirm { message_id: id, outcome, detail, processed_at: now });
@@ -358,6 +349,30 @@ impl<E: Effect> ConsumerLoop<E> {
         Ok((confirms, failed))
     }
 
+    /// The effect of a first-seen message, counted; a rejection is written to the inbox too.
+    /// `Err(Transient)`: nothing counted, the caller rolls back.
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        d: &Delivery,
+        h: &BusinessHeaders,
+        span: &Span,
+        report: &mut BatchReport,
+    ) -> Result<Result<(Outcome, Option<String>), Transient>> {
+        Ok(match self.effect.apply(tx, &incoming(d, h)).instrument(span.clone()).await {
+            Ok(Applied::Processed) => {
+                report.processed += 1;
+                Ok((Outcome::Processed, None))
+            }
+            Ok(Applied::Rejected(reason)) => {
+                self.inbox.mark_rejected(tx, h.message_id, &reason).await?;
+                report.rejected += 1;
+                Ok((Outcome::Rejected, Some(reason)))
+            }
+            Err(e) => Err(e),
+        })
+    }
+
     /// One message in its own savepoint: its confirm, or `None` after a transient failure
     /// (rolled back; the caller nacks it once the batch's transaction is over).
     async fn process(
@@ -370,16 +385,8 @@ impl<E: Effect> ConsumerLoop<E> {
     ) -> Result<Option<(Outcome, Option<String>)>> {
         let mut one = tx.begin().await?;
         let (outcome, detail) = if self.inbox.claim(&mut one, h.message_id).await? {
-            match self.effect.apply(&mut one, &incoming(d, h)).instrument(span.clone()).await {
-                Ok(Applied::Processed) => {
-                    report.processed += 1;
-                    (Outcome::Processed, None)
-                }
-                Ok(Applied::Rejected(reason)) => {
-                    self.inbox.mark_rejected(&mut one, h.message_id, &reason).await?;
-                    report.rejected += 1;
-                    (Outcome::Rejected, Some(reason))
-                }
+            match self.apply(&mut one, d, h, span, report).await? {
+                Ok(done) => done,
                 Err(e) => {
                     one.rollback().await?;
                     failed(d, h, span.clone(), &e);
@@ -387,15 +394,21 @@ impl<E: Effect> ConsumerLoop<E> {
                 }
             }
         } else {
-            report.duplicates += 1;
-            match self.inbox.prior(&mut one, h.message_id).await? {
-                Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
-                _ => (Outcome::Duplicate, None),
-            }
+            duplicate(self.inbox.prior(&mut one, h.message_id).await?, report)
         };
         one.commit().await?;
         span.in_scope(|| tracing::debug!(outcome = outcome.as_str(), "message handled"));
         Ok(Some((outcome, detail)))
+    }
+}
+
+/// The confirm of a message claimed before: a rejection is confirmed again as one, anything
+/// else as `duplicate`.
+fn duplicate(prior: Option<Prior>, report: &mut BatchReport) -> (Outcome, Option<String>) {
+    report.duplicates += 1;
+    match prior {
+        Some(p) if p.outcome == Outcome::Rejected => (Outcome::Rejected, p.detail),
+        _ => (Outcome::Duplicate, None),
     }
 }
 
