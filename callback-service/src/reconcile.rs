@@ -119,12 +119,14 @@ impl Reconciler {
         publisher: Publisher,
         topology: Topology,
         registry: Arc<ProducerRegistry>,
-        policy: Policy,
+        mut policy: Policy,
         limits: Limits,
         breakers: Breakers,
     ) -> Self {
+        // What a semaphore can count; the deliveries' permits are taken against the same bound.
+        policy.max_checks_in_flight = policy.max_checks_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Self {
-            checks_in_flight: Semaphore::new(policy.max_checks_in_flight.clamp(1, Semaphore::MAX_PERMITS)),
+            checks_in_flight: Semaphore::new(policy.max_checks_in_flight),
             breakers,
             store,
             publisher,
@@ -181,8 +183,8 @@ impl Reconciler {
         metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
         // The deliveries are bounded by the prefetch, their checks here; a delivery bigger than
         // the bound takes all of it and goes alone.
-        let bound = self.policy.max_checks_in_flight.clamp(1, Semaphore::MAX_PERMITS);
-        let permits = u32::try_from(batch.checks.len().min(bound)).unwrap_or(u32::MAX);
+        let permits = batch.checks.len().min(self.policy.max_checks_in_flight);
+        let permits = u32::try_from(permits).unwrap_or(u32::MAX);
         let _permits = self.checks_in_flight.acquire_many(permits).await?;
         let plans = self.plans(&batch).await?;
 
