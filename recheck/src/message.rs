@@ -63,6 +63,16 @@ impl Outcome {
         }
     }
 
+    /// Which of two answers of one consumer for one message counts: a rejection wins, then
+    /// `processed` (the effect happened), then `duplicate`.
+    pub fn strength(self) -> u8 {
+        match self {
+            Outcome::Duplicate => 0,
+            Outcome::Processed => 1,
+            Outcome::Rejected => 2,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "processed" => Some(Outcome::Processed),
@@ -122,8 +132,6 @@ pub enum DecodeError {
     TooManyIds(usize, usize),
     #[error("empty batch")]
     EmptyBatch,
-    #[error("message id {0} appears twice in one batch")]
-    DuplicateId(Uuid),
     #[error("missing or empty field {0}")]
     Missing(&'static str),
     #[error("message id {0:?} is not a UUID")]
@@ -145,7 +153,6 @@ impl DecodeError {
             DecodeError::Version(_) => "unsupported_version",
             DecodeError::TooManyIds(..) => "too_many_ids",
             DecodeError::EmptyBatch => "empty_batch",
-            DecodeError::DuplicateId(_) => "duplicate_id",
             DecodeError::Missing(_) => "missing_field",
             DecodeError::InvalidId(_) => "invalid_id",
             DecodeError::Header(..) => "invalid_header",
@@ -182,21 +189,37 @@ fn check_version(body: &[u8]) -> Result<(), DecodeError> {
     }
 }
 
-fn check_ids<'a>(ids: impl ExactSizeIterator<Item = &'a Uuid>, limits: Limits) -> Result<(), DecodeError> {
-    let n = ids.len();
+fn check_ids(n: usize, limits: Limits) -> Result<(), DecodeError> {
     if n == 0 {
         return Err(DecodeError::EmptyBatch);
     }
     if n > limits.max_ids {
         return Err(DecodeError::TooManyIds(n, limits.max_ids));
     }
-    let mut seen = std::collections::HashSet::with_capacity(n);
-    for id in ids {
-        if !seen.insert(*id) {
-            return Err(DecodeError::DuplicateId(*id));
+    Ok(())
+}
+
+/// Folds repeats of one message id into one entry, in first-seen order, keeping the one
+/// `stronger` prefers. A repeat is not malformed: a consumer that micro-batches behind a stalled
+/// queue gets an original and its resend together, and parking the whole batch for it would
+/// lose every other entry's answer.
+fn fold_repeats<T>(items: &mut Vec<T>, id: impl Fn(&T) -> Uuid, stronger: impl Fn(&T, &T) -> bool) {
+    let mut at: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::with_capacity(items.len());
+    let mut kept: Vec<T> = Vec::with_capacity(items.len());
+    for item in items.drain(..) {
+        match at.get(&id(&item)) {
+            Some(&i) => {
+                if stronger(&item, &kept[i]) {
+                    kept[i] = item;
+                }
+            }
+            None => {
+                at.insert(id(&item), kept.len());
+                kept.push(item);
+            }
         }
     }
-    Ok(())
+    *items = kept;
 }
 
 /// Text that every store can hold: PostgreSQL refuses U+0000 in `text`, and a
@@ -233,7 +256,16 @@ fn check_entry(c: &Check) -> Result<(), DecodeError> {
     }
     check_text("checks[].routing_key", &c.routing_key)?;
     check_text("checks[].business_key", &c.business_key)?;
-    c.expect.iter().flatten().try_for_each(|consumer| check_text("checks[].expect", consumer))
+    c.expect.iter().flatten().try_for_each(check_consumer_name)
+}
+
+/// A name in `expect`: stores keep the list comma-separated, and an empty name or one with a
+/// comma could never be matched by a CONFIRM's `consumer`.
+fn check_consumer_name(consumer: &String) -> Result<(), DecodeError> {
+    if consumer.is_empty() || consumer.contains(',') {
+        return Err(DecodeError::Field("checks[].expect", format!("{consumer:?}: empty or contains a comma")));
+    }
+    check_text("checks[].expect", consumer)
 }
 
 impl CheckBatch {
@@ -244,13 +276,15 @@ impl CheckBatch {
     pub fn decode(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<Self, DecodeError> {
         check_envelope(body, content_type, limits)?;
         check_version(body)?;
-        let batch: Self = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let mut batch: Self = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
         if batch.producer.is_empty() {
             return Err(DecodeError::Missing("producer"));
         }
         check_text("producer", &batch.producer)?;
-        check_ids(batch.checks.iter().map(|c| &c.message_id), limits)?;
+        check_ids(batch.checks.len(), limits)?;
         batch.checks.iter().try_for_each(check_entry)?;
+        // The latest attempt of a repeated id supersedes the earlier ones.
+        fold_repeats(&mut batch.checks, |c| c.message_id, |a, b| a.attempt > b.attempt);
         Ok(batch)
     }
 }
@@ -263,14 +297,15 @@ impl ConfirmBatch {
     pub fn decode(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<Self, DecodeError> {
         check_envelope(body, content_type, limits)?;
         check_version(body)?;
-        let batch: Self = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let mut batch: Self = serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
         if batch.consumer.is_empty() {
             return Err(DecodeError::Missing("consumer"));
         }
         check_text("consumer", &batch.consumer)?;
-        check_ids(batch.confirms.iter().map(|c| &c.message_id), limits)?;
+        check_ids(batch.confirms.len(), limits)?;
         let mut details = batch.confirms.iter().filter_map(|c| c.detail.as_deref());
         details.try_for_each(|detail| check_text("confirms[].detail", detail))?;
+        fold_repeats(&mut batch.confirms, |c| c.message_id, |a, b| a.outcome.strength() > b.outcome.strength());
         Ok(batch)
     }
 }
@@ -436,10 +471,10 @@ mod tests {
                 |e| matches!(e, DecodeError::Json(_)),
             ),
             (
-                "duplicate id",
-                format!(r#"{{"v":1,"producer":"p","checks":[{good_check},{good_check}]}}"#),
+                "comma in expect",
+                format!(r#"{{"v":1,"producer":"p","checks":[{}]}}"#, good_check.replace("}", r#","expect":["a,b"]}"#)),
                 json,
-                |e| matches!(e, DecodeError::DuplicateId(_)),
+                |e| matches!(e, DecodeError::Field("checks[].expect", _)),
             ),
             (
                 "too many ids",

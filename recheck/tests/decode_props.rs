@@ -26,6 +26,11 @@ fn name() -> impl Strategy<Value = String> {
     text().prop_filter("names are non-empty", |s| !s.is_empty())
 }
 
+/// A name in `expect`: stores keep the list comma-separated.
+fn consumer_name() -> impl Strategy<Value = String> {
+    name().prop_map(|s| s.replace(',', "")).prop_filter("names are non-empty", |s| !s.is_empty())
+}
+
 fn content_type() -> impl Strategy<Value = Option<String>> {
     prop_oneof![
         Just(None),
@@ -56,7 +61,7 @@ fn check() -> impl Strategy<Value = Check> {
         text(),
         0..u32::MAX,
         0..=i64::MAX,
-        proptest::option::of(proptest::collection::vec(name(), 0..4)),
+        proptest::option::of(proptest::collection::vec(consumer_name(), 0..4)),
         // Optional trace context: absent from producers that do not trace.
         proptest::option::of(text()),
     )
@@ -88,7 +93,7 @@ fn confirm() -> impl Strategy<Value = Confirm> {
         })
 }
 
-/// Batches whose ids are distinct (a repeated id is malformed by contract).
+/// Batches whose ids are distinct (a repeated id is folded by the decoder).
 fn check_batch() -> impl Strategy<Value = CheckBatch> {
     (name(), proptest::collection::vec(check(), 1..16)).prop_map(|(producer, mut checks)| {
         dedup_ids(&mut checks, |c| &mut c.message_id);
@@ -251,17 +256,48 @@ proptest! {
         prop_assert_eq!(ConfirmBatch::decode(&body, None, under), Err(DecodeError::TooManyIds(n, n - 1)));
     }
 
-    /// A repeated id anywhere in a batch is refused, naming the id.
+    /// A repeated id anywhere in a batch is folded into one entry: the latest attempt of a
+    /// check, the strongest outcome of a confirm (a rejection wins); the others keep their order.
     #[test]
-    fn a_repeated_id_is_refused(batch in check_batch(), from in any::<prop::sample::Index>(), to in any::<prop::sample::Index>()) {
-        let mut batch = batch;
-        let n = batch.checks.len();
+    fn a_repeated_id_is_folded(
+        batch in check_batch(),
+        confirms in confirm_batch(),
+        from in any::<prop::sample::Index>(),
+        to in any::<prop::sample::Index>(),
+    ) {
+        let mut repeated = batch.clone();
+        let n = repeated.checks.len();
         let (from, to) = (from.index(n), to.index(n));
-        let id = batch.checks[from].message_id;
-        let extra = Check { message_id: id, ..batch.checks[to].clone() };
-        batch.checks.insert(to, extra);
-        let body = serde_json::to_vec(&batch).unwrap();
-        prop_assert_eq!(CheckBatch::decode(&body, None, Limits::default()), Err(DecodeError::DuplicateId(id)));
+        let id = repeated.checks[from].message_id;
+        let later = repeated.checks[from].attempt.saturating_add(1).min(u32::MAX - 1);
+        let extra = Check { message_id: id, attempt: later, ..repeated.checks[to].clone() };
+        repeated.checks.insert(to, extra.clone());
+        let body = serde_json::to_vec(&repeated).unwrap();
+        let decoded = CheckBatch::decode(&body, None, Limits::default()).unwrap();
+        prop_assert_eq!(decoded.checks.len(), n);
+        let kept: Vec<&Check> = decoded.checks.iter().filter(|c| c.message_id == id).collect();
+        prop_assert_eq!(kept.len(), 1);
+        if later > batch.checks[from].attempt {
+            prop_assert_eq!(kept[0], &extra);
+        }
+        let others: Vec<_> = batch.checks.iter().filter(|c| c.message_id != id).collect();
+        let decoded_others: Vec<_> = decoded.checks.iter().filter(|c| c.message_id != id).collect();
+        prop_assert_eq!(others, decoded_others);
+
+        let mut repeated = confirms.clone();
+        let n = repeated.confirms.len();
+        let k = from % n;
+        repeated.confirms[k].outcome = Outcome::Processed;
+        let id = repeated.confirms[k].message_id;
+        let rejection = Confirm { message_id: id, outcome: Outcome::Rejected, ..repeated.confirms[0].clone() };
+        let duplicate = Confirm { message_id: id, outcome: Outcome::Duplicate, ..repeated.confirms[0].clone() };
+        repeated.confirms.insert(to.min(n), rejection.clone());
+        repeated.confirms.push(duplicate);
+        let body = serde_json::to_vec(&repeated).unwrap();
+        let decoded = ConfirmBatch::decode(&body, None, Limits::default()).unwrap();
+        prop_assert_eq!(decoded.confirms.len(), n);
+        let kept: Vec<&Confirm> = decoded.confirms.iter().filter(|c| c.message_id == id).collect();
+        prop_assert_eq!(kept, vec![&rejection]);
     }
 
     /// U+0000 anywhere in a text field is refused (PostgreSQL cannot store it).
