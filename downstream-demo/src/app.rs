@@ -5,8 +5,12 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
+use lapin::options::BasicAckOptions;
 use recheck::{
-    Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, Topology,
+    Confirmer, ConsumerConfig, ConsumerLoop, Effect, GroupCommitConfig, Publisher, Subscription,
+    SubscriptionConfig, Topology,
+    consume::BatchReport,
+    message::BusinessHeaders,
     ops::{OpsServer, Readiness},
 };
 use sqlx::AnyPool;
@@ -75,6 +79,13 @@ impl App {
             GroupCommitConfig::default(),
             c.confirm_key.clone(),
         );
+        let subscription = SubscriptionConfig {
+            queue: consumer.queue.clone(),
+            tag: consumer.consumer.clone(),
+            prefetch: consumer.prefetch,
+            batch_size: consumer.batch_size,
+            batch_linger: consumer.batch_linger,
+        };
         let mut consumer = ConsumerLoop::new(
             self.pool.clone(),
             self.publisher.clone(),
@@ -84,12 +95,20 @@ impl App {
             consumer,
         );
         if faults.drops_confirms() {
+            let faults = faults.clone();
             consumer = consumer.dropping_confirms(move |_| faults.drop_confirm_now());
         }
 
         tracing::info!(consumer = %c.store.consumer, queue = %c.queue, "downstream demo started");
         let readiness = Readiness::new().broker(&self.publisher).store(&self.pool);
-        let (report, ops) = tokio::join!(consumer.run(shutdown.clone()), self.ops.serve(readiness, shutdown));
+        let consuming = async {
+            if faults.drops_messages() {
+                losing_messages(consumer, &self.publisher, subscription, &faults, &shutdown).await
+            } else {
+                consumer.run(shutdown.clone()).await
+            }
+        };
+        let (report, ops) = tokio::join!(consuming, self.ops.serve(readiness, shutdown.clone()));
         ops.context("serving the ops endpoints")?;
         let report = report.context("consuming")?;
         tracing::info!(?report, "consumer stopped");
@@ -97,4 +116,41 @@ impl App {
         self.pool.close().await;
         Ok(())
     }
+}
+
+/// `ConsumerLoop::run` with a lossy link in front (fault `--drop-message-rate`): a delivery the
+/// dice pick is acked before the SDK sees it, as if the broker had lost it for this consumer only.
+async fn losing_messages<E: Effect>(
+    consumer: ConsumerLoop<E>,
+    publisher: &Publisher,
+    config: SubscriptionConfig,
+    faults: &Faults,
+    shutdown: &CancellationToken,
+) -> recheck::Result<BatchReport> {
+    let mut subscription = Subscription::new(publisher.clone(), config).await?;
+    let mut total = BatchReport::default();
+    while let Some(batch) = subscription.next_batch(shutdown).await {
+        let mut kept = Vec::with_capacity(batch.len());
+        for d in batch {
+            // Unreadable headers are the SDK's to park, never a fault to inject.
+            let lost = BusinessHeaders::from_properties(&d.properties)
+                .is_ok_and(|h| faults.drop_message(h.message_id, h.attempt));
+            if !lost {
+                kept.push(d);
+            } else if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                tracing::warn!(error = %e, "acking a dropped message failed; it comes back");
+            } else {
+                tracing::debug!("business message dropped (--drop-message-rate)");
+            }
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        match consumer.handle_batch(kept).await {
+            Ok(report) => total += report,
+            Err(e) => tracing::warn!(error = %e, "batch failed; redelivering"),
+        }
+    }
+    subscription.close().await;
+    Ok(total)
 }

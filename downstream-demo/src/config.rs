@@ -108,7 +108,13 @@ pub struct FaultArgs {
     #[arg(long, env = "RECHECK_DROP_CONFIRM_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
     pub drop_confirm_rate: f64,
 
-    /// Seed of the fault dice (fail, drop-confirm); random when unset.
+    /// Fraction of business messages lost before this consumer sees them (acked unprocessed,
+    /// no CONFIRM): originals only, chosen by message id and seed; the callback's resend gets
+    /// through.
+    #[arg(long, env = "RECHECK_DROP_MESSAGE_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
+    pub drop_message_rate: f64,
+
+    /// Seed of the fault dice (fail, drop-confirm, drop-message); random when unset.
     #[arg(long, env = "RECHECK_SEED")]
     pub seed: Option<u64>,
 }

@@ -12,6 +12,11 @@
 //! - drop-confirm: points committed, CONFIRM never sent; the callback service's
 //!   check resends and the inbox absorbs the copy as a duplicate.
 //! - slow: a pause per message inside the transaction (a lagging consumer).
+//! - drop-message: a business message lost on its way to this consumer only —
+//!   acked unseen, no inbox row, no effect, no CONFIRM. Decided by message id
+//!   and seed, for originals only (`x-recheck-attempt` 0): the resend the
+//!   callback service sends (attempt ≥ 1) gets through, so a consumer whose
+//!   CONFIRM is missing must be waited for even when another one confirmed.
 
 use std::{
     sync::Mutex,
@@ -28,6 +33,7 @@ pub struct Faults {
     reject_rate: f64,
     slow: Duration,
     drop_confirm_rate: f64,
+    drop_message_rate: f64,
     seed: u64,
     dice: Mutex<StdRng>,
 }
@@ -43,6 +49,7 @@ impl Faults {
             reject_rate: args.reject_rate,
             slow: Duration::from_millis(args.slow_ms),
             drop_confirm_rate: args.drop_confirm_rate,
+            drop_message_rate: args.drop_message_rate,
             seed,
             dice: Mutex::new(StdRng::seed_from_u64(seed)),
         }
@@ -54,7 +61,11 @@ impl Faults {
     }
 
     pub fn any(&self) -> bool {
-        self.fail_rate > 0.0 || self.reject_rate > 0.0 || !self.slow.is_zero() || self.drops_confirms()
+        self.fail_rate > 0.0
+            || self.reject_rate > 0.0
+            || !self.slow.is_zero()
+            || self.drops_confirms()
+            || self.drops_messages()
     }
 
     pub fn slow(&self) -> Duration {
@@ -80,6 +91,16 @@ impl Faults {
         self.roll(self.drop_confirm_rate)
     }
 
+    pub fn drops_messages(&self) -> bool {
+        self.drop_message_rate > 0.0
+    }
+
+    /// Is this delivery lost before the consumer sees it? Originals only, and the same answer
+    /// for every copy of one original (a redelivery, a publisher's republish).
+    pub fn drop_message(&self, message_id: Uuid, attempt: u32) -> bool {
+        attempt == 0 && unit_interval_seeded(message_id, self.seed) < self.drop_message_rate
+    }
+
     fn roll(&self, rate: f64) -> bool {
         // `random::<f64>()` is in [0, 1): rate 0 never fires, rate 1 always does.
         rate > 0.0 && self.dice.lock().unwrap_or_else(|e| e.into_inner()).random::<f64>() < rate
@@ -90,6 +111,12 @@ impl Faults {
 /// every delivery and every resend of one message agrees (and tests can predict it).
 pub fn blocked(message_id: Uuid, rate: f64) -> bool {
     unit_interval(message_id) < rate
+}
+
+/// [`unit_interval`] of the id mixed with a seed: two consumers with different seeds lose
+/// different messages.
+fn unit_interval_seeded(id: Uuid, seed: u64) -> f64 {
+    unit_interval(Uuid::from_u128(id.as_u128() ^ u128::from(seed).rotate_left(64)))
 }
 
 /// Maps an id to [0, 1) evenly. UUIDv7 ids share their leading timestamp bits,
@@ -137,9 +164,24 @@ mod tests {
     }
 
     #[test]
+    fn dropped_messages_are_originals_chosen_by_id_and_seed() {
+        let ids: Vec<Uuid> = (0..10_000).map(|_| Uuid::now_v7()).collect();
+        let a = faults(FaultArgs { drop_message_rate: 0.1, ..Default::default() });
+        let b = Faults::new(&FaultArgs { drop_message_rate: 0.1, seed: Some(7), ..Default::default() });
+        let dropped: Vec<&Uuid> = ids.iter().filter(|id| a.drop_message(**id, 0)).collect();
+        let share = dropped.len() as f64 / ids.len() as f64;
+        assert!((0.08..0.12).contains(&share), "{share}");
+        // Every copy of an original agrees; a resend always gets through.
+        assert!(dropped.iter().all(|id| a.drop_message(**id, 0) && !a.drop_message(**id, 1)));
+        let both = dropped.iter().filter(|id| b.drop_message(***id, 0)).count();
+        assert!(both < dropped.len() / 4, "another seed drops other messages ({both} in common)");
+    }
+
+    #[test]
     fn off_by_default() {
         let f = faults(FaultArgs::default());
         assert!(!f.any());
         assert!((0..1000).all(|_| !f.fail_now() && !f.drop_confirm_now()));
+        assert!(!f.drop_message(Uuid::now_v7(), 0));
     }
 }

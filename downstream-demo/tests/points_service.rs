@@ -1,13 +1,18 @@
 //! The points service end to end, started in-process on a fresh vhost and a
 //! fresh SQLite file: orders published with the SDK earn points once, a
 //! duplicate is absorbed, a malformed body is rejected visibly, CONFIRMs reach
-//! `recheck.confirms`; and with every fault on, each order still ends once.
-//! Each case runs on SQLite and on PostgreSQL.
+//! `recheck.confirms`; with every fault on, each order still ends once; a
+//! message lost for this consumer (`--drop-message-rate`) leaves no trace and its
+//! resend is processed. Each case runs on SQLite and on PostgreSQL.
 
 use std::{collections::HashMap, time::Duration};
 
 use clap::Parser;
-use downstream_demo::{Config, Stats, build, faults::blocked};
+use downstream_demo::{
+    Config, Stats, build,
+    config::FaultArgs,
+    faults::{Faults, blocked},
+};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use recheck::{
@@ -25,6 +30,8 @@ struct Harness {
     producer: Producer,
     pool: AnyPool,
     confirms: lapin::Consumer,
+    /// The consumer name the service runs under (`--consumer`).
+    consumer: String,
     stop: CancellationToken,
     running: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -48,6 +55,7 @@ async fn start(postgres: bool, extra: &[&str]) -> Harness {
         // A clean run whatever fault variables the environment holds.
         config.faults = Default::default();
     }
+    let consumer = config.store.consumer.clone();
     let app = build(config).await.unwrap();
     let pool = app.pool().clone();
     let stop = CancellationToken::new();
@@ -66,7 +74,7 @@ async fn start(postgres: bool, extra: &[&str]) -> Harness {
         .await
         .unwrap();
     let producer = Producer::new(publisher, topology, ProducerConfig::new("orders"));
-    Harness { producer, pool, confirms, stop, running, _dir: dir }
+    Harness { producer, pool, confirms, consumer, stop, running, _dir: dir }
 }
 
 impl Harness {
@@ -83,21 +91,21 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !done(seen) {
             let next = timeout_at(deadline, self.confirms.next()).await.expect("CONFIRMs stopped coming");
-            record(next.unwrap().unwrap(), seen).await;
+            record(next.unwrap().unwrap(), &self.consumer, seen).await;
         }
     }
 
     /// Reads CONFIRMs into `seen` until none came for `quiet`.
     async fn confirms_until_quiet(&mut self, seen: &mut Seen, quiet: Duration) {
         while let Ok(next) = tokio::time::timeout(quiet, self.confirms.next()).await {
-            record(next.unwrap().unwrap(), seen).await;
+            record(next.unwrap().unwrap(), &self.consumer, seen).await;
         }
     }
 
     async fn stats_when(&self, done: impl Fn(&Stats) -> bool) -> Stats {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let stats = Stats::load(&self.pool, "points").await.unwrap();
+            let stats = Stats::load(&self.pool, &self.consumer).await.unwrap();
             if done(&stats) {
                 return stats;
             }
@@ -115,10 +123,10 @@ impl Harness {
 /// What CONFIRMs said, per message id: outcomes in arrival order, with details.
 type Seen = HashMap<Uuid, Vec<(Outcome, Option<String>)>>;
 
-async fn record(d: lapin::message::Delivery, seen: &mut Seen) {
+async fn record(d: lapin::message::Delivery, consumer: &str, seen: &mut Seen) {
     d.acker.ack(BasicAckOptions::default()).await.unwrap();
     let batch = ConfirmBatch::decode(&d.data, None, Limits::default()).unwrap();
-    assert_eq!(batch.consumer, "points");
+    assert_eq!(batch.consumer, consumer);
     for c in batch.confirms {
         seen.entry(c.message_id).or_default().push((c.outcome, c.detail));
     }
@@ -161,6 +169,8 @@ async fn awards_points_once(postgres: bool) {
         (stats.orders_with_points, stats.points_awarded, stats.messages, stats.rejected),
         (20, points, 21, 1)
     );
+    // Each application moved one balance once; the duplicate moved nothing.
+    assert_eq!((stats.effects_applied, stats.balance_points, stats.balance_orders), (20, points, 20));
     let rows: Vec<String> =
         sqlx::query_scalar("SELECT message_id FROM points").fetch_all(&h.pool).await.unwrap();
     let mut expected: Vec<String> = ids.iter().map(Uuid::to_string).collect();
@@ -212,5 +222,48 @@ async fn faults_end_once(postgres: bool) {
         let stats = h.stats_when(|s| s.duplicates_absorbed == 1).await;
         assert_eq!(stats.orders_with_points, 40 - blocked_ids.len() as i64);
     }
+    h.stop().await;
+}
+
+/// A second instance under another name, queue and store: its CONFIRMs carry its name, and a
+/// message lost for it (`--drop-message-rate`) leaves no inbox row, no effect and no CONFIRM,
+/// while the resend of the same id is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_message_leaves_no_trace_and_its_resend_is_processed() {
+    for postgres in [false, true] {
+        lost_then_resent(postgres).await;
+    }
+}
+
+async fn lost_then_resent(postgres: bool) {
+    let args = ["--consumer", "shipping", "--queue", "shipping.order-created"];
+    let mut h = start(postgres, &[&args[..], &["--drop-message-rate", "0.3", "--seed", "5"]].concat()).await;
+    let dice = Faults::new(&FaultArgs { drop_message_rate: 0.3, seed: Some(5), ..Default::default() });
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        h.order(*id, n, 0).await;
+    }
+    let lost: Vec<usize> = (0..ids.len()).filter(|n| dice.drop_message(ids[*n], 0)).collect();
+    assert!(!lost.is_empty() && lost.len() < 30, "the dice dropped {} of 40", lost.len());
+    let kept = 40 - lost.len();
+
+    let mut seen = Seen::new();
+    h.confirms_until(&mut seen, |s| s.len() == kept).await;
+    // Nothing more comes: the lost ones were acked unseen.
+    h.confirms_until_quiet(&mut seen, Duration::from_millis(500)).await;
+    assert_eq!(seen.len(), kept);
+    assert!(lost.iter().all(|n| !seen.contains_key(&ids[*n])));
+    let stats = h.stats_when(|s| s.messages == kept as i64).await;
+    assert_eq!((stats.orders_with_points, stats.balance_orders), (kept as i64, kept as i64));
+
+    // The resends (attempt 1) get through and are processed, not absorbed as duplicates.
+    for n in &lost {
+        h.order(ids[*n], *n, 1).await;
+    }
+    h.confirms_until(&mut seen, |s| s.len() == 40).await;
+    assert!(lost.iter().all(|n| seen[&ids[*n]] == [(Outcome::Processed, None)]));
+    let stats = h.stats_when(|s| s.messages == 40).await;
+    assert_eq!((stats.consumer.as_str(), stats.effects_applied, stats.balance_orders), ("shipping", 40, 40));
+    assert_eq!(stats.duplicates_absorbed, 0);
     h.stop().await;
 }
