@@ -29,6 +29,7 @@ pub struct App {
 
 /// Opens the store, connects to RabbitMQ, declares the topology and binds the gRPC listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
+    config.expected_consumers().map_err(anyhow::Error::msg)?;
     let tls = config.tls.load().context("loading the gRPC server's TLS certificate")?;
     let store = Store::connect(&config.database_url).await.context("opening the order store")?;
 
@@ -81,7 +82,8 @@ impl App {
             ResendHookService::new(Arc::new(self.store.clone()), self.producer.clone(), self.config.grace),
             self.store.clone(),
         );
-        let orders = OrdersService::new(self.store.clone(), self.producer.clone());
+        let expect = self.config.expected_consumers().map_err(anyhow::Error::msg)?;
+        let orders = OrdersService::new(self.store.clone(), self.producer.clone(), expect);
         let auth = self.config.hook_tokens.clone().unwrap_or_default();
         if !auth.enabled() {
             tracing::warn!("ResendHook accepts unauthenticated calls: set RECHECK_HOOK_TOKENS in production");
@@ -91,6 +93,7 @@ impl App {
             grpc_addr = %self.grpc_addr,
             tls = ?self.tls,
             producer = %self.config.producer_name,
+            expect = ?self.config.expect,
             "upstream demo started"
         );
         let grpc = recheck::tls::server(self.tls.as_ref())?

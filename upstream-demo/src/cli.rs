@@ -50,4 +50,47 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["upstream-demo", "load", "--abort-after-check-rate", "1.5"]).is_err());
     }
+
+    #[test]
+    fn expect_lists_consumer_names() {
+        let cli = Cli::try_parse_from(["upstream-demo"]).unwrap();
+        assert_eq!(cli.config.expect, ["points"]);
+        let cli = Cli::try_parse_from(["upstream-demo", "--expect", "points, shipping"]).unwrap();
+        assert_eq!(cli.config.expected_consumers().unwrap(), ["points", "shipping"]);
+        let cli = Cli::try_parse_from(["upstream-demo", "serve", "--expect", "a", "--expect", "b"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(c)) if c.expect == ["a", "b"]));
+        for bad in ["", "points,,shipping", "points,", "two words"] {
+            assert!(Cli::try_parse_from(["upstream-demo", "--expect", bad]).is_err(), "{bad:?} accepted");
+        }
+        let twice = Cli::try_parse_from(["upstream-demo", "--expect", "points,points"]).unwrap();
+        assert!(twice.config.expected_consumers().is_err());
+    }
+
+    #[test]
+    fn load_reads_one_store_per_consumer() {
+        let load = |args: &[&str]| match Cli::try_parse_from([&["upstream-demo", "load"], args].concat()) {
+            Ok(Cli { command: Some(Command::Load(l)), .. }) => l.consumer_stores().map_err(|e| e.to_string()),
+            other => Err(format!("{other:?}")),
+        };
+        let names = |args: &[&str]| -> Vec<String> {
+            load(args).unwrap().into_iter().map(|db| format!("{}={}", db.consumer, db.url.expose())).collect()
+        };
+        assert!(names(&[]).is_empty());
+        assert_eq!(
+            names(&[
+                "--consumer-database-url",
+                "shipping=sqlite://s.db",
+                "--points-database-url",
+                "sqlite://p.db"
+            ]),
+            ["shipping=sqlite://s.db", "points=sqlite://p.db"]
+        );
+        let both = [
+            "--consumer-database-url",
+            "points=sqlite://a.db",
+            "--consumer-database-url",
+            "points=sqlite://b.db",
+        ];
+        assert!(load(&both).is_err());
+    }
 }

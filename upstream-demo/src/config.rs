@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "RECHECK_PRODUCER", default_value = "orders")]
     pub producer_name: String,
 
+    /// The consumers every order expects, comma-separated: a message counts as confirmed once
+    /// each of them confirmed it (the CHECK's `expect`).
+    #[arg(long, env = "RECHECK_EXPECT", value_delimiter = ',', default_value = "points", value_parser = parse_consumer_name)]
+    pub expect: Vec<String>,
+
     /// Delay of each order's first CHECK (rounded up to a delay tier).
     #[arg(long, env = "RECHECK_CHECK_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub check_delay: Duration,
@@ -65,4 +70,27 @@ impl Config {
     pub fn topology(&self) -> Topology {
         self.broker.topology()
     }
+
+    /// `expect` without repeats (a name twice is a typo, not a stronger expectation).
+    pub fn expected_consumers(&self) -> Result<Vec<String>, String> {
+        let mut seen = std::collections::HashSet::new();
+        match self.expect.iter().find(|name| !seen.insert(name.as_str())) {
+            Some(name) => Err(format!("--expect names {name:?} twice")),
+            None => Ok(self.expect.clone()),
+        }
+    }
+}
+
+/// One consumer name of `--expect`: what a consumer writes into its CONFIRMs (`--consumer`).
+/// Letters, digits, `.`, `_`, `-`: names also sit in comma lists and `NAME=…` pairs (the load's
+/// `--consumer-database-url`, the callback service's `RECHECK_CONSUMER_QUEUES`).
+pub fn parse_consumer_name(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if name.is_empty() {
+        return Err("a consumer name must not be empty".into());
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(format!("{name:?} is not a consumer name (letters, digits, '.', '_', '-')"));
+    }
+    Ok(name.to_owned())
 }

@@ -18,8 +18,6 @@ use crate::store::{Order, Store, StoreError};
 
 /// The event type consumers bind to.
 pub const ORDER_CREATED: &str = "order.created";
-/// The consumer that must confirm every order (the points service).
-pub const EXPECTED_CONSUMER: &str = "points";
 
 #[derive(Debug, Clone)]
 pub struct OrdersService {
@@ -29,14 +27,17 @@ pub struct OrdersService {
     /// caller waits for a slot, so a producer faster than the broker is held back instead of
     /// piling up publishes (which would come late, after their checks).
     publish_slots: Arc<Semaphore>,
+    /// The consumers each order's CHECK expects (`--expect`).
+    expect: Arc<[String]>,
 }
 
 /// Business publishes in flight after their orders were answered.
 const MAX_BACKGROUND_PUBLISHES: usize = 256;
 
 impl OrdersService {
-    pub fn new(store: Store, producer: Producer) -> Self {
-        Self { store, producer, publish_slots: Arc::new(Semaphore::new(MAX_BACKGROUND_PUBLISHES)) }
+    pub fn new(store: Store, producer: Producer, expect: Vec<String>) -> Self {
+        let publish_slots = Arc::new(Semaphore::new(MAX_BACKGROUND_PUBLISHES));
+        Self { store, producer, publish_slots, expect: expect.into() }
     }
 
     /// Waits for the business publishes under way (before the broker connection closes): every
@@ -65,7 +66,7 @@ impl OrdersService {
                 routing_key: ORDER_CREATED.into(),
                 business_key: order_id.clone(),
                 payload: payload.clone().into_bytes(),
-                expect: Some(vec![EXPECTED_CONSUMER.into()]),
+                expect: Some(self.expect.to_vec()),
             })
             .await
             .map_err(|e| Status::unavailable(format!("publishing the CHECK: {e}")))?;

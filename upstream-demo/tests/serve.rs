@@ -28,6 +28,7 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         tls: Default::default(),
         producer_name: "orders".into(),
+        expect: vec!["points".into(), "shipping".into()],
         check_delay: Duration::from_secs(30),
         grace: Duration::ZERO,
         hook_tokens: None,
@@ -73,6 +74,19 @@ async fn faults_commit_publish_and_resend_as_the_report_assumes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(queued().await, 1);
+
+    // Every CHECK (three orders, held in the 30 s tier) expects both consumers (`--expect`).
+    let tier =
+        recheck::Topology::new("recheck", vec![Duration::from_secs(30)]).tier_queue(Duration::from_secs(30));
+    let mut expects = Vec::new();
+    while let Some(check) =
+        channel.basic_get(tier.as_str().into(), lapin::options::BasicGetOptions::default()).await.unwrap()
+    {
+        let body: serde_json::Value = serde_json::from_slice(&check.delivery.data).unwrap();
+        let checks = body["checks"].as_array().unwrap();
+        expects.extend(checks.iter().map(|c| c["expect"].clone()));
+    }
+    assert_eq!(expects, vec![serde_json::json!(["points", "shipping"]); 3]);
 
     let mut hook = ResendHookClient::connect(format!("http://{addr}")).await.unwrap();
     let mut resend = async |r: &CreateOrderResponse| -> ResendOutcome {

@@ -1,14 +1,14 @@
 //! `upstream-demo load`: a client of a running order service. It creates orders
 //! (some with injected faults), waits until the callback service has settled
-//! every message, reads the consumer's points table and reports what is lost.
+//! every message, reads each consumer's effects and reports what is lost.
 //!
 //! - [`create`]: the orders, at a target rate and concurrency, with latencies;
 //! - [`settle`]: polls `Admin.GetMessage` until each message is terminal;
-//! - [`points`]: the consumer's store, read-only;
+//! - [`consumers`]: the consumers' stores, read-only;
 //! - [`report`]: the counts and the `lost` arithmetic.
 
+pub mod consumers;
 pub mod create;
-pub mod points;
 pub mod report;
 pub mod settle;
 
@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use recheck::topology::parse_duration;
 use recheck_proto::{demo::v1::orders_client::OrdersClient, v1::admin_client::AdminClient};
 
+use consumers::{ConsumerDb, ConsumerStore};
 pub use report::Report;
 
 #[derive(Debug, Clone, Args)]
@@ -64,8 +65,18 @@ pub struct LoadConfig {
     #[command(flatten)]
     pub tls: recheck::tls::ClientTlsArgs,
 
-    /// The consumer's store (`points` table); without it, `lost` is judged from the
-    /// callback service's status alone.
+    /// A consumer's store as `NAME=URL` (repeat it, or comma-separate in the variable, one per
+    /// expected consumer): its `points` ledger is read to count, per consumer, effects done,
+    /// missing and doubled. Without any, `lost` is judged from the callback service's status.
+    #[arg(
+        long = "consumer-database-url",
+        env = "RECHECK_CONSUMER_DATABASE_URLS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub consumer_database_urls: Vec<ConsumerDb>,
+
+    /// The `points` consumer's store: short for `--consumer-database-url points=URL`.
     #[arg(long, env = "RECHECK_POINTS_DATABASE_URL", hide_env_values = true)]
     pub points_database_url: Option<recheck::SecretUrl>,
 
@@ -113,10 +124,11 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
         .timeout(Duration::from_secs(10))
         .connect_lazy();
     let admin = AdminClient::with_interceptor(admin, config.admin_token.clone().unwrap_or_default());
-    let points = match &config.points_database_url {
-        Some(url) => Some(points::PointsStore::connect(url).await.context("opening the points store")?),
-        None => None,
-    };
+    let mut stores = Vec::new();
+    for db in config.consumer_stores()? {
+        let store = ConsumerStore::connect(&db).await;
+        stores.push(store.with_context(|| format!("opening the {} consumer's store", db.consumer))?);
+    }
 
     let requests = create::plan(config);
     let bar = progress(requests.len() as u64, "created");
@@ -129,17 +141,36 @@ pub async fn load(config: &LoadConfig) -> anyhow::Result<Report> {
     let ids: Vec<String> = created.orders.iter().map(|o| o.message_id.clone()).collect();
     let bar = progress(ids.len() as u64, "settled");
     let settled = settle::settle(admin, ids, config.wait, bar).await;
-    let awarded = match &points {
-        Some(store) => Some(store.awarded().await.context("reading the points table")?),
-        None => None,
-    };
+    let mut effects = Vec::with_capacity(stores.len());
+    for store in &stores {
+        let read = store.effects().await;
+        effects.push((
+            store.consumer.clone(),
+            read.with_context(|| format!("reading {}'s effects", store.consumer))?,
+        ));
+    }
 
     let mut report =
-        Report::tally(config.count, &created.orders, created.errors, &settled.statuses, awarded.as_ref());
+        Report::tally(config.count, &created.orders, created.errors, &settled.statuses, &effects);
     report.throughput_per_s = created.throughput_per_s();
     report.latency_us = created.latency();
     report.admin_error = settled.last_error.map(|e| format!("{}: {e}", config.admin_addr));
     Ok(report)
+}
+
+impl LoadConfig {
+    /// Every consumer store to read, `--points-database-url` included; a name given twice is an error.
+    pub fn consumer_stores(&self) -> anyhow::Result<Vec<ConsumerDb>> {
+        let mut stores = self.consumer_database_urls.clone();
+        if let Some(url) = &self.points_database_url {
+            stores.push(ConsumerDb { consumer: "points".into(), url: url.clone() });
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(db) = stores.iter().find(|db| !names.insert(db.consumer.as_str())) {
+            anyhow::bail!("two stores given for the consumer {:?}", db.consumer);
+        }
+        Ok(stores)
+    }
 }
 
 /// A bar on stderr, shown when a person watches stderr: the report on stdout

@@ -1,14 +1,13 @@
 //! What a load run found: counts per outcome, and the one number that must be
-//! zero — `lost`, committed orders that neither reached the consumer nor ended in
-//! a visible `failed` / `rejected` state.
+//! zero — `lost`, committed orders that did not reach every expected consumer and
+//! did not end in a visible `failed` / `rejected` state either.
 
-use std::{
-    collections::{HashMap, HashSet},
-    fmt,
-};
+use std::{collections::HashMap, fmt};
 
 use recheck_proto::{demo::v1::Fault, v1::MessageStatus};
 use serde::Serialize;
+
+use super::consumers::Effects;
 
 /// One answered `CreateOrder`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,36 +70,52 @@ pub struct Report {
     pub rejected: u64,
     /// Not terminal (or unknown to the callback service) at the deadline.
     pub pending: u64,
-    /// Committed orders in the consumer's points table; `null` without `--points-database-url`.
-    pub points: Option<u64>,
-    /// Committed orders not in the points table (without it: not confirmed) and not failed or
-    /// rejected, plus committed orders declared `void`. Pending ones count: lost by the deadline.
+    /// Per consumer store read (`--consumer-database-url`), what its effects show; empty
+    /// without any.
+    pub consumers: Vec<ConsumerTally>,
+    /// Committed orders missing an effect in any consumer's store (without stores: not
+    /// confirmed) and not failed or rejected, plus committed orders declared `void`. Pending
+    /// ones count: lost by the deadline.
     pub lost: u64,
-    /// Aborted orders that were confirmed or awarded points anyway: must be 0.
+    /// Aborted orders that were confirmed or have an effect anyway: must be 0.
     pub aborted_but_delivered: u64,
     /// The last error from the Admin API, if messages could not be read in the last round.
     pub admin_error: Option<String>,
 }
 
+/// One consumer's effects against the committed orders.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ConsumerTally {
+    pub consumer: String,
+    /// Committed orders with this consumer's effect.
+    pub effects: u64,
+    /// Committed orders without it, and not failed or rejected (so not visibly given up).
+    pub missing: u64,
+    /// Applications beyond the first on committed orders: must be 0 (exactly once).
+    pub doubled: u64,
+}
+
 impl Report {
     /// Counts outcomes. `statuses` lacks ids the callback service does not know (yet);
-    /// `points` is the set of ids in the consumer's points table, when it was read.
+    /// `effects` holds, per consumer store read, the applications per message id.
     pub fn tally(
         orders: u64,
         created: &[Created],
         create_errors: u64,
         statuses: &HashMap<String, Settled>,
-        points: Option<&HashSet<String>>,
+        effects: &[(String, Effects)],
     ) -> Self {
-        let mut r = Report { orders, create_errors, points: points.map(|_| 0), ..Report::default() };
+        let mut r = Report { orders, create_errors, ..Report::default() };
+        r.consumers = effects
+            .iter()
+            .map(|(name, _)| ConsumerTally { consumer: name.clone(), ..ConsumerTally::default() })
+            .collect();
         for order in created {
             let settled = statuses.get(&order.message_id);
             let status = settled.map_or(MessageStatus::Pending, |s| s.status);
             let resent = settled.is_some_and(|s| s.resend_count > 0);
-            let delivered = match points {
-                Some(points) => points.contains(&order.message_id),
-                None => status == MessageStatus::Confirmed,
-            };
+            let applied = |e: &Effects| e.get(&order.message_id).copied().unwrap_or(0);
+            let any_effect = effects.iter().any(|(_, e)| applied(e) > 0);
             match status {
                 MessageStatus::Confirmed => r.confirmed += 1,
                 MessageStatus::Void => r.void += 1,
@@ -112,7 +127,7 @@ impl Report {
             if !order.committed {
                 r.aborted += 1;
                 r.void_aborted += u64::from(status == MessageStatus::Void);
-                r.aborted_but_delivered += u64::from(status == MessageStatus::Confirmed || delivered);
+                r.aborted_but_delivered += u64::from(status == MessageStatus::Confirmed || any_effect);
                 continue;
             }
             r.created += 1;
@@ -121,11 +136,20 @@ impl Report {
                 r.skipped_publish += 1;
                 r.skipped_resent += u64::from(resent);
             }
-            if points.is_some() && delivered {
-                r.points = r.points.map(|n| n + 1);
-            }
             let visibly_given_up = matches!(status, MessageStatus::Failed | MessageStatus::Rejected);
-            // A committed order must never be declared void, whatever the consumer saw.
+            let mut delivered = effects.is_empty() && status == MessageStatus::Confirmed;
+            if !effects.is_empty() {
+                delivered = true;
+                for (tally, (_, e)) in r.consumers.iter_mut().zip(effects) {
+                    let n = applied(e);
+                    tally.effects += u64::from(n > 0);
+                    tally.doubled += n.saturating_sub(1);
+                    let missing = n == 0 && !visibly_given_up;
+                    tally.missing += u64::from(missing);
+                    delivered &= !missing;
+                }
+            }
+            // A committed order must never be declared void, whatever the consumers saw.
             if status == MessageStatus::Void || (!delivered && !visibly_given_up) {
                 r.lost += 1;
             }
@@ -158,10 +182,12 @@ impl fmt::Display for Report {
         row(f, "failed", &self.failed)?;
         row(f, "rejected", &self.rejected)?;
         row(f, "pending at deadline", &self.pending)?;
-        writeln!(f, "consumer")?;
-        match self.points {
-            Some(points) => row(f, "points awarded", &points)?,
-            None => row(f, "points awarded", &"not read")?,
+        writeln!(f, "consumers (effects / missing / doubled)")?;
+        if self.consumers.is_empty() {
+            row(f, "effects", &"not read")?;
+        }
+        for c in &self.consumers {
+            row(f, &c.consumer, &format!("{} / {} / {}", c.effects, c.missing, c.doubled))?;
         }
         writeln!(f, "verdict")?;
         row(f, "lost", &self.lost)?;
@@ -185,10 +211,22 @@ mod tests {
         Settled { status, resend_count }
     }
 
-    /// a: delivered. b: skipped, resent, delivered. c: confirmed but no points (lost).
-    /// d: failed (visible, not lost). e: committed but void (lost). f: unknown at the
-    /// deadline (lost). g: aborted → void. h: aborted but confirmed (error).
-    fn example() -> (Vec<Created>, HashMap<String, Settled>, HashSet<String>) {
+    fn effects(ids: &[&str]) -> Effects {
+        let mut e = Effects::new();
+        for id in ids {
+            *e.entry((*id).to_owned()).or_default() += 1;
+        }
+        e
+    }
+
+    /// a: delivered to both. b: skipped, resent, delivered (twice to shipping). c: confirmed but
+    /// in neither store (lost). d: failed (visible, not lost). e: committed but void (lost).
+    /// f: unknown at the deadline (lost). g: aborted → void. h: aborted but confirmed (error).
+    /// i: confirmed, but shipping never applied it (lost: the one-consumer-confirmed case).
+    /// j: rejected by points, applied by shipping (visible, not lost).
+    type Example = (Vec<Created>, HashMap<String, Settled>, Vec<(String, Effects)>);
+
+    fn example() -> Example {
         use MessageStatus::*;
         let created = vec![
             order("a", Fault::None, true, true),
@@ -199,6 +237,8 @@ mod tests {
             order("f", Fault::None, true, true),
             order("g", Fault::AbortAfterCheck, false, false),
             order("h", Fault::AbortAfterCheck, false, false),
+            order("i", Fault::None, true, true),
+            order("j", Fault::None, true, true),
         ];
         let statuses = [
             ("a", settled(Confirmed, 0)),
@@ -208,39 +248,48 @@ mod tests {
             ("e", settled(Void, 0)),
             ("g", settled(Void, 0)),
             ("h", settled(Confirmed, 0)),
+            ("i", settled(Confirmed, 0)),
+            ("j", settled(Rejected, 0)),
         ];
         let statuses = statuses.into_iter().map(|(id, s)| (id.to_owned(), s)).collect();
-        let points = ["a", "b", "e"].into_iter().map(String::from).collect();
-        (created, statuses, points)
+        let stores = vec![
+            ("points".to_owned(), effects(&["a", "b", "e", "i"])),
+            ("shipping".to_owned(), effects(&["a", "b", "b", "e", "j"])),
+        ];
+        (created, statuses, stores)
     }
 
     #[test]
-    fn lost_counts_undelivered_and_void_committed_orders() {
-        let (created, statuses, points) = example();
-        let r = Report::tally(9, &created, 1, &statuses, Some(&points));
-        assert_eq!((r.orders, r.created, r.aborted, r.create_errors), (9, 6, 2, 1));
-        assert_eq!((r.published, r.skipped_publish, r.skipped_resent), (4, 1, 1));
-        assert_eq!((r.confirmed, r.void, r.failed, r.rejected, r.pending), (4, 2, 1, 0, 1));
+    fn lost_counts_orders_missing_in_any_consumer_and_void_committed_orders() {
+        let (created, statuses, stores) = example();
+        let r = Report::tally(11, &created, 1, &statuses, &stores);
+        assert_eq!((r.orders, r.created, r.aborted, r.create_errors), (11, 8, 2, 1));
+        assert_eq!((r.published, r.skipped_publish, r.skipped_resent), (6, 1, 1));
+        assert_eq!((r.confirmed, r.void, r.failed, r.rejected, r.pending), (5, 2, 1, 1, 1));
         assert_eq!((r.resent, r.void_aborted, r.aborted_but_delivered), (2, 1, 1));
-        assert_eq!(r.points, Some(3));
-        // c (confirmed, no points), e (void although committed), f (unknown).
-        assert_eq!(r.lost, 3);
+        let tally = |c: &ConsumerTally| (c.consumer.clone(), c.effects, c.missing, c.doubled);
+        assert_eq!(
+            r.consumers.iter().map(tally).collect::<Vec<_>>(),
+            [("points".to_owned(), 4, 2, 0), ("shipping".to_owned(), 4, 3, 1)]
+        );
+        // c (in neither), e (void although committed), f (unknown), i (missing in shipping).
+        assert_eq!(r.lost, 4);
     }
 
     #[test]
-    fn without_points_confirmed_counts_as_delivered() {
+    fn without_consumer_stores_confirmed_counts_as_delivered() {
         let (created, statuses, _) = example();
-        let r = Report::tally(9, &created, 1, &statuses, None);
-        assert_eq!(r.points, None);
-        // e (void although committed), f (unknown); c is confirmed, so delivered.
+        let r = Report::tally(11, &created, 1, &statuses, &[]);
+        assert!(r.consumers.is_empty());
+        // e (void although committed), f (unknown); c and i are confirmed, so delivered.
         assert_eq!(r.lost, 2);
         assert_eq!(r.aborted_but_delivered, 1);
     }
 
     #[test]
     fn json_has_the_documented_keys() {
-        let (created, statuses, points) = example();
-        let json = serde_json::to_value(Report::tally(9, &created, 1, &statuses, Some(&points))).unwrap();
+        let (created, statuses, stores) = example();
+        let json = serde_json::to_value(Report::tally(11, &created, 1, &statuses, &stores)).unwrap();
         for key in [
             "orders",
             "created",
@@ -257,13 +306,16 @@ mod tests {
             "failed",
             "rejected",
             "pending",
-            "points",
+            "consumers",
             "lost",
             "aborted_but_delivered",
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }
         assert_eq!(json["latency_us"]["p99"], 0);
-        assert!(Report::default().to_string().contains("lost"));
+        assert_eq!(json["consumers"][1]["consumer"], "shipping");
+        assert_eq!(json["consumers"][1]["missing"], 3);
+        let text = Report::tally(11, &created, 1, &statuses, &stores).to_string();
+        assert!(text.contains("lost") && text.contains("shipping"), "{text}");
     }
 }
