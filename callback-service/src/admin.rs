@@ -83,6 +83,7 @@ fn status_from_pb(s: pb::MessageStatus) -> Option<Status> {
 fn message_to_pb(row: MessageRow) -> pb::Message {
     pb::Message {
         status: status_to_pb(row.status).into(),
+        awaiting_check: row.awaiting_check(),
         message_id: row.message_id,
         producer: row.producer,
         routing_key: row.routing_key,
@@ -178,8 +179,10 @@ impl admin_server::Admin for AdminService {
         let counts = self.store.counts().await.map_err(internal)?;
         let (confirms, resends) = self.store.activity_since(now_ms() - 60_000).await.map_err(internal)?;
         Ok(Response::new(StatsResponse {
-            total: counts.iter().map(|(_, n)| n).sum(),
+            total: counts.total(),
+            awaiting_check: counts.awaiting_check,
             counts: counts
+                .by_status
                 .into_iter()
                 .map(|(s, count)| pb::StatusCount { status: status_to_pb(s).into(), count })
                 .collect(),

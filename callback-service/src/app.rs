@@ -172,9 +172,10 @@ async fn status_gauge(store: &Store, shutdown: &CancellationToken) {
     while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
         match store.counts().await {
             Ok(counts) => {
-                for (status, n) in counts {
+                for (status, n) in counts.by_status {
                     metrics::gauge!(telemetry::MESSAGES, "status" => status.as_str()).set(n as f64);
                 }
+                metrics::gauge!(telemetry::MESSAGES_AWAITING_CHECK).set(counts.awaiting_check as f64);
             }
             Err(e) => tracing::warn!(error = %e, "counting messages per status failed"),
         }

@@ -148,6 +148,7 @@ pub fn format_stats(stats: &StatsResponse) -> String {
         let _ = writeln!(out, "{:<10} {:>12}", status_name(c.status), c.count);
     }
     let _ = writeln!(out, "{:<10} {:>12}", "total", stats.total);
+    let _ = writeln!(out, "of the open, awaiting their check: {}", stats.awaiting_check);
     let _ = writeln!(
         out,
         "per second (last minute): confirms {:.1}, checks {:.1}, resends {:.1}",
@@ -229,7 +230,7 @@ fn format_fields(m: &Message) -> String {
     let expect = if m.expect.is_empty() { "(any consumer)".to_owned() } else { m.expect.join(", ") };
     let rows = [
         ("id", m.message_id.clone()),
-        ("status", status_name(m.status)),
+        ("status", status_name(m.status) + if m.awaiting_check { " (awaiting its check)" } else { "" }),
         ("producer", m.producer.clone()),
         ("routing key", m.routing_key.clone()),
         ("business key", m.business_key.clone()),

@@ -102,6 +102,8 @@ pub struct Reconciler {
 enum Plan {
     /// Nothing: settled, or a duplicate of an attempt already handled.
     Done,
+    /// This check found the confirms its `expect` needs (they came first) and confirmed the message.
+    Confirmed,
     /// Publish `next` after `delay`, then record `outcome` for `attempt`.
     Finish { attempt: u32, outcome: AttemptOutcome, next: Option<(Check, Duration)> },
     /// The attempt was claimed by a process that did not schedule the next
@@ -221,7 +223,7 @@ impl Reconciler {
                 Plan::Takeover { next, delay } => {
                     self.store.mark_scheduled(&id, next.attempt, now_ms() + millis(*delay)).await?;
                 }
-                Plan::Done | Plan::Watch { .. } | Plan::Defer { .. } => {}
+                Plan::Done | Plan::Confirmed | Plan::Watch { .. } | Plan::Defer { .. } => {}
             }
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -231,18 +233,41 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Every check of the batch decided, in order. The rows are read at once; a check its row
-    /// settles as it stands (confirmed, terminal, an attempt already taken) is decided here.
+    /// Every check of the batch decided, in order. The rows are read at once; those that lack
+    /// their CHECK take it in one transaction, which also confirms the messages whose confirms
+    /// came first; a check its row settles as it stands (confirmed, terminal, an attempt already
+    /// taken) is decided here.
     async fn plans(&self, batch: &CheckBatch) -> anyhow::Result<Vec<Plan>> {
         let producer = &batch.producer;
         let ids: Vec<String> = batch.checks.iter().map(|c| c.message_id.to_string()).collect();
         let mut rows = self.store.get_many(&ids).await?;
+        let first: Vec<&Check> = batch
+            .checks
+            .iter()
+            .zip(&ids)
+            .filter(|(_, id)| rows.get(*id).is_none_or(|row| !row.checked()))
+            .map(|(check, _)| check)
+            .collect();
+        let mut confirmed_now = std::collections::HashSet::new();
+        if !first.is_empty() {
+            for (id, row) in self.store.record_first_checks(producer, &first).await? {
+                let before = rows.get(&id).map(|r| r.status);
+                if row.status == Status::Confirmed && before != Some(Status::Confirmed) {
+                    confirmed_now.insert(id.clone());
+                }
+                rows.insert(id, row);
+            }
+        }
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(batch.checks.len());
         let mut open = Vec::new();
         for (check, id) in batch.checks.iter().zip(&ids) {
             self.counters.checks.fetch_add(1, Ordering::Relaxed);
             let row = rows.remove(id);
-            let plan = row.as_ref().and_then(|row| self.settled(row, check));
+            let plan = if confirmed_now.contains(id) {
+                Some(Plan::Confirmed)
+            } else {
+                row.as_ref().and_then(|row| self.settled(row, check))
+            };
             if plan.is_none() {
                 open.push((plans.len(), check, row));
             }
@@ -304,17 +329,20 @@ impl Reconciler {
             // No claim: the attempt and the resend budget stay untouched while the producer is down.
             return Ok(Plan::Defer { check: check.clone(), delay: retry_in.max(self.shortest_tier()) });
         }
-        if !self.store.claim(&row.message_id, n).await? {
+        let Some(resends) = self.store.claim(&row.message_id, n).await? else {
             return Ok(Plan::Done);
-        }
+        };
 
         let attempt = n + 1;
+        // The hook's `attempt` is the resend number (1 = first resend): resends done so far, as
+        // the claim read them, plus one. A RETRY_LATER or a failed call does not count, so the
+        // next call repeats that number; the check's own attempt counts every re-check.
         let request = ResendRequest {
             message_id: row.message_id.clone(),
             producer: producer.to_owned(),
             routing_key: check.routing_key.clone(),
             business_key: check.business_key.clone(),
-            attempt,
+            attempt: resends.saturating_add(1),
             published_at: check.published_at,
         };
         let slot = self.slot(producer).acquire_owned().await?;
@@ -459,6 +487,7 @@ impl Plan {
     fn result(&self) -> &'static str {
         match self {
             Plan::Done => "done",
+            Plan::Confirmed => "confirmed",
             Plan::Finish { outcome: AttemptOutcome::Resent { .. }, .. } => "resent",
             Plan::Finish { outcome: AttemptOutcome::Retry { .. }, .. } => "retry",
             Plan::Finish { outcome: AttemptOutcome::Terminal { status, .. }, .. } => status.as_str(),

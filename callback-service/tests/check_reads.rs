@@ -56,9 +56,13 @@ async fn recorded_for_is_the_read_only_case(urls: &[String; 2]) {
         async move { store.get(&id.to_string()).await.unwrap().unwrap() }
     };
 
-    // Confirmed: read only at any attempt, producer fields or not.
+    // Known only from its confirm: pending, and its CHECK must write (it brings `expect`).
     let r = row(confirmed).await;
-    assert_eq!((r.status, r.producer.as_str()), (Status::Confirmed, ""));
+    assert_eq!((r.status, r.producer.as_str()), (Status::Pending, ""));
+    assert!(!r.recorded_for(&check(confirmed, 0)));
+    let r = store.record_check("orders", &check(confirmed, 0)).await.unwrap();
+    // Confirmed (by the CHECK, which found points' confirm): read only at any attempt.
+    assert_eq!((r.status, r.producer.as_str()), (Status::Confirmed, "orders"));
     assert!(r.recorded_for(&check(confirmed, 0)) && r.recorded_for(&check(confirmed, 7)));
     // Complete: read only up to its attempt; a later attempt moves the row forward.
     let r = row(complete).await;

@@ -59,7 +59,7 @@ async fn prepare(store: &Store, ids: &Ids) {
         store.record_check("orders", &check(id, expect)).await.unwrap();
     }
     for (id, status) in [(ids.late_on_failed, Status::Failed), (ids.late_on_void, Status::Void)] {
-        assert!(store.claim(&id.to_string(), 0).await.unwrap());
+        assert_eq!(store.claim(&id.to_string(), 0).await.unwrap(), Some(0));
         let outcome = AttemptOutcome::Terminal { status, reason: "test".into() };
         assert!(store.finish(&id.to_string(), 1, &outcome).await.unwrap());
     }
@@ -137,7 +137,8 @@ async fn a_mixed_batch_ends_as_one_by_one(urls: &[String; 2]) {
     let before = batched.transactions();
     let report = batched.ingest_confirms(&batch).await.unwrap();
     assert_eq!(batched.transactions(), before + 1, "one transaction for the batch");
-    assert_eq!(report, IngestReport { confirms: batch.len(), confirmed: 7, recovered: 2, rejected: 2 });
+    // before_row and repeated have no CHECK yet: stored, not confirmed.
+    assert_eq!(report, IngestReport { confirms: batch.len(), confirmed: 5, recovered: 2, rejected: 2 });
 
     // The reference: each confirm alone, in lock order (stable: repeats keep batch order).
     let mut ordered = batch.clone();
@@ -164,8 +165,9 @@ async fn a_mixed_batch_ends_as_one_by_one(urls: &[String; 2]) {
         let batched = &batched;
         async move { batched.details(&id.to_string()).await.unwrap().unwrap() }
     };
-    let (before_row, confirms, _) = row(ids.before_row).await;
-    assert_eq!(before_row.status, Status::Confirmed);
+    let (before_row, confirms, history) = row(ids.before_row).await;
+    assert_eq!((before_row.status, history.len()), (Status::Pending, 0), "confirmed before its CHECK");
+    assert!(before_row.awaiting_check());
     assert_eq!(confirms[0].outcome, Outcome::Processed, "a duplicate was kept over the processed");
     let last_reason = |h: &[callback_service::store::Transition]| h.last().map(|t| t.reason.clone());
     assert_eq!(last_reason(&row(ids.two_expected).await.2).as_deref(), Some("confirmed by points"));
@@ -180,14 +182,34 @@ async fn a_mixed_batch_ends_as_one_by_one(urls: &[String; 2]) {
         assert_eq!(last_reason(&history).as_deref(), Some("late confirm by points (recovered)"));
     }
     let (repeated, _, history) = row(ids.repeated).await;
-    assert_eq!((repeated.status, history.len()), (Status::Confirmed, 1));
-    assert_eq!(row(ids.confirmed).await.2.len(), 1, "a confirmed row moved again");
+    assert_eq!((repeated.status, history.len()), (Status::Pending, 0));
+    assert_eq!(row(ids.confirmed).await.0.status, Status::Pending, "confirmed before its CHECK");
     assert_eq!(last_reason(&row(ids.duplicate_stored).await.2).as_deref(), Some("confirmed by points"));
     let (r, confirms, history) = row(ids.duplicate_then_rejected).await;
     assert_eq!((r.status, last_reason(&history).as_deref()), (Status::Confirmed, Some("confirmed by audit")));
     assert!(confirms.iter().any(|c| c.consumer == "points" && c.outcome == Outcome::Rejected));
+    // A rejection needs no CHECK: it settles in any order.
     assert_eq!(row(ids.rejected_first).await.0.status, Status::Rejected);
     assert_eq!(row(ids.stored_rejection).await.0.status, Status::Pending);
+
+    // The CHECKs come: they weigh the confirms stored meanwhile, in one transaction.
+    let first = [
+        check(ids.before_row, &[]),
+        check(ids.repeated, &["points"]),
+        check(ids.confirmed, &["points", "audit"]),
+    ];
+    let before = batched.transactions();
+    let rows = batched.record_first_checks("orders", &first.iter().collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(batched.transactions(), before + 1, "one transaction for the CHECK batch");
+    let status = |id: Uuid| rows[&id.to_string()].status;
+    assert_eq!((status(ids.before_row), status(ids.repeated)), (Status::Confirmed, Status::Confirmed));
+    assert_eq!(status(ids.confirmed), Status::Pending, "audit is expected too and never confirmed");
+    assert!(rows.values().all(|r| r.checked() && r.producer == "orders" && !r.awaiting_check()));
+    assert_eq!(
+        last_reason(&row(ids.before_row).await.2).as_deref(),
+        Some("confirmed by points at its check (the confirms came first)")
+    );
+    assert_eq!(row(ids.before_row).await.2.len(), 1);
 }
 
 /// More confirms than one statement carries: messages of three expected consumers straddle the
@@ -204,12 +226,20 @@ async fn a_batch_bigger_than_a_chunk_settles_every_message(urls: &[String; 2]) {
         batch.extend(ids.iter().map(|id| confirm(consumer, *id, Outcome::Processed, None)));
     }
     let report = store.ingest_confirms(&batch).await.unwrap();
-    assert_eq!(report, IngestReport { confirms: 2100, confirmed: 700, recovered: 0, rejected: 0 });
+    // The second half has no CHECK yet: its CHECK confirms it, below.
+    assert_eq!(report, IngestReport { confirms: 2100, confirmed: 350, recovered: 0, rejected: 0 });
+    let later: Vec<Check> = ids[350..].iter().map(|id| check(*id, &[])).collect();
+    let rows = store.record_first_checks("orders", &later.iter().collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(rows.len(), 350);
     for (i, id) in ids.iter().enumerate() {
         let (row, confirms, history) = store.details(&id.to_string()).await.unwrap().unwrap();
         assert_eq!((row.status, confirms.len(), history.len()), (Status::Confirmed, 3, 1), "message {id}");
-        // Without `expect` the first consumer confirms, with it the last.
-        let by = if i < 350 { "c" } else { "a" };
-        assert_eq!(history[0].reason, format!("confirmed by {by}"));
+        // With `expect` the last consumer confirms; without it, the CHECK, naming them all.
+        let reason = if i < 350 {
+            "confirmed by c"
+        } else {
+            "confirmed by a, b, c at its check (the confirms came first)"
+        };
+        assert_eq!(history[0].reason, reason);
     }
 }

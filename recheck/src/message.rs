@@ -23,7 +23,9 @@ pub struct Check {
     pub message_id: Uuid,
     pub routing_key: String,
     pub business_key: String,
-    /// 0 = check of the original, n = check following the n-th resend.
+    /// The check's sequence number: 0 = the first check, one more for every re-check the
+    /// callback service schedules (after a resend, a RETRY_LATER, a failed call or a deferral
+    /// alike). It guards the claims; it is not the resend number (the hook's `attempt`).
     pub attempt: u32,
     /// ms since the Unix epoch, when the producer prepared the message.
     pub published_at: i64,
@@ -204,7 +206,8 @@ fn check_ids(n: usize, limits: Limits) -> Result<(), DecodeError> {
 /// queue gets an original and its resend together, and parking the whole batch for it would
 /// lose every other entry's answer.
 fn fold_repeats<T>(items: &mut Vec<T>, id: impl Fn(&T) -> Uuid, stronger: impl Fn(&T, &T) -> bool) {
-    let mut at: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::with_capacity(items.len());
+    let mut at: std::collections::HashMap<Uuid, usize> =
+        std::collections::HashMap::with_capacity(items.len());
     let mut kept: Vec<T> = Vec::with_capacity(items.len());
     for item in items.drain(..) {
         match at.get(&id(&item)) {
@@ -263,7 +266,10 @@ fn check_entry(c: &Check) -> Result<(), DecodeError> {
 /// comma could never be matched by a CONFIRM's `consumer`.
 fn check_consumer_name(consumer: &String) -> Result<(), DecodeError> {
     if consumer.is_empty() || consumer.contains(',') {
-        return Err(DecodeError::Field("checks[].expect", format!("{consumer:?}: empty or contains a comma")));
+        return Err(DecodeError::Field(
+            "checks[].expect",
+            format!("{consumer:?}: empty or contains a comma"),
+        ));
     }
     check_text("checks[].expect", consumer)
 }
@@ -305,7 +311,11 @@ impl ConfirmBatch {
         check_ids(batch.confirms.len(), limits)?;
         let mut details = batch.confirms.iter().filter_map(|c| c.detail.as_deref());
         details.try_for_each(|detail| check_text("confirms[].detail", detail))?;
-        fold_repeats(&mut batch.confirms, |c| c.message_id, |a, b| a.outcome.strength() > b.outcome.strength());
+        fold_repeats(
+            &mut batch.confirms,
+            |c| c.message_id,
+            |a, b| a.outcome.strength() > b.outcome.strength(),
+        );
         Ok(batch)
     }
 }
@@ -316,6 +326,7 @@ pub struct BusinessHeaders {
     pub message_id: Uuid,
     pub producer: String,
     pub business_key: String,
+    /// `x-recheck-attempt`: 0 = the original, n = the n-th resend (the hook's `attempt`).
     pub attempt: u32,
 }
 
@@ -472,7 +483,10 @@ mod tests {
             ),
             (
                 "comma in expect",
-                format!(r#"{{"v":1,"producer":"p","checks":[{}]}}"#, good_check.replace("}", r#","expect":["a,b"]}"#)),
+                format!(
+                    r#"{{"v":1,"producer":"p","checks":[{}]}}"#,
+                    good_check.replace("}", r#","expect":["a,b"]}"#)
+                ),
                 json,
                 |e| matches!(e, DecodeError::Field("checks[].expect", _)),
             ),

@@ -59,6 +59,7 @@ pub const CONFIRM_LATENCY_SECONDS: &str = "recheck_confirm_latency_seconds";
 pub const RECOVERED: &str = "recheck_recovered_total";
 /// Gauge `{status}`: messages per status in the store (refreshed every few seconds).
 pub const MESSAGES: &str = "recheck_messages";
+pub const MESSAGES_AWAITING_CHECK: &str = "recheck_messages_awaiting_check";
 
 /// Every metric of the catalog (the README table and the Grafana dashboard cover them all: a test
 /// in `tests/tests/compose.rs` checks both).
@@ -83,6 +84,7 @@ pub const ALL: &[&str] = &[
     CONFIRM_LATENCY_SECONDS,
     RECOVERED,
     MESSAGES,
+    MESSAGES_AWAITING_CHECK,
 ];
 
 /// Bucket bounds (seconds) of the latency histograms.
@@ -133,6 +135,10 @@ pub fn describe() {
     );
     describe_counter!(RECOVERED, "Late confirms that turned a failed or void message confirmed");
     describe_gauge!(MESSAGES, "Messages in the callback store, by status");
+    describe_gauge!(
+        MESSAGES_AWAITING_CHECK,
+        "Pending or resent messages known only from confirms: their CHECK says whether more consumers are expected"
+    );
 }
 
 /// A gRPC code as a label value: `DeadlineExceeded` → `deadline_exceeded`.

@@ -125,13 +125,13 @@ async fn callback_queues(url: &str) {
 }
 
 /// A good message for `queue` that reconciles only if that queue is still served:
-/// a CONFIRM of a new id, or a CHECK of an order whose business message was never
-/// published (so only a resend the check drives gets it confirmed).
+/// a CONFIRM of a prepared order (its CHECK, due later, finds it), or a CHECK of an order whose
+/// business message was never published (so only a resend the check drives gets it confirmed).
 async fn good_callback_message(env: &Env, queue: Queue) -> Uuid {
     match queue {
         Queue::Checks => env.order("o-good", false).await,
         _ => {
-            let id = Uuid::now_v7();
+            let id = env.order("o-good-confirm", false).await;
             let confirm =
                 Confirm { message_id: id, outcome: Outcome::Processed, detail: None, processed_at: now_ms() };
             let body = serde_json::to_vec(&ConfirmBatch::new("points", vec![confirm])).unwrap();

@@ -61,8 +61,9 @@ pub(super) async fn stats(State(d): State<Dashboard>) -> ApiResult {
         }
     }
     Ok(Json(json!({
-        "total": counts.iter().map(|(_, n)| n).sum::<u64>(),
-        "counts": counts.iter().map(|(s, n)| (s.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "total": counts.total(),
+        "counts": counts.by_status.iter().map(|(s, n)| (s.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "awaiting_check": counts.awaiting_check,
         "confirms_per_second": confirms as f64 / 60.0,
         "resends_per_second": resends as f64 / 60.0,
         "throughput": {
@@ -131,6 +132,7 @@ fn message_json(row: &MessageRow) -> Value {
         "business_key": row.business_key,
         "expect": row.expect,
         "status": row.status.as_str(),
+        "awaiting_check": row.awaiting_check(),
         "attempt": row.attempt,
         "resend_count": row.resend_count,
         "next_check_at": row.next_check_at,
@@ -161,6 +163,18 @@ fn timeline(row: &MessageRow, confirms: &[ConfirmRow], history: &[Transition]) -
     for c in confirms {
         let title = format!("confirm from {}: {}", c.consumer, c.outcome.as_str());
         entries.push(entry(c.processed_at, "confirm", title, c.detail.as_deref()));
+    }
+    if row.awaiting_check() {
+        // Not a state of its own: a confirm cannot settle a message whose CHECK (and so whose
+        // `expect`) has not been seen; say so, with the time of the last confirm.
+        let at = confirms.iter().map(|c| c.processed_at).max().unwrap_or(row.updated_at);
+        let by: Vec<&str> = confirms.iter().map(|c| c.consumer.as_str()).collect();
+        let title = if by.is_empty() {
+            "waiting for its check".to_owned()
+        } else {
+            format!("confirmed by {}; waiting for its check to know whether more are expected", by.join(", "))
+        };
+        entries.push(entry(at, "check", title, None));
     }
     if !row.status.is_terminal() && row.next_check_at > 0 {
         let title = format!("next check due (attempt {})", row.attempt);

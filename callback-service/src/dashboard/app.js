@@ -69,6 +69,9 @@ function renderCounts(stats) {
     el('div', { class: `tile status-${s}`, 'data-status': s },
       el('span', { class: 'n', id: `count-${s}` }, stats.counts[s] ?? 0),
       el('span', { class: 'label' }, s)));
+  tiles.push(el('div', { class: 'tile awaiting', title: 'pending or resent, known only from confirms: the CHECK says whether more consumers are expected' },
+    el('span', { class: 'n', id: 'count-awaiting-check' }, stats.awaiting_check ?? 0),
+    el('span', { class: 'label' }, 'awaiting check')));
   tiles.push(el('div', { class: 'tile total' },
     el('span', { class: 'n', id: 'count-total' }, stats.total),
     el('span', { class: 'label' }, 'total')));
@@ -150,7 +153,7 @@ async function refreshMessage() {
   const m = body.message;
   $('detail-id').textContent = m.message_id;
   const status = $('detail-status');
-  status.textContent = m.status;
+  status.textContent = m.awaiting_check ? `${m.status} · awaiting its check` : m.status;
   status.className = `badge status-${m.status}`;
   const redrive = $('detail-redrive');
   redrive.hidden = !(m.status === 'failed' || m.status === 'rejected');

@@ -8,16 +8,16 @@ use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
 use super::{
-    CHUNK_ROWS, MessageRow, RawMessage, Result, Status, Store, expect_text, id_text, message_from,
-    placeholders, record_transition, select_messages,
+    CHUNK_ROWS, MessageRow, RawMessage, Result, Status, Store, id_text, message_from, placeholders,
+    record_transition, select_messages,
 };
 
 impl MessageRow {
-    /// The check has nothing to write (the usual case: a read, no write lock): the row is
-    /// confirmed (it keeps what the confirm gave it), or complete at this attempt or a later one.
-    /// Rejected and failed rows still take the producer fields, which a redrive needs.
+    /// The check has nothing to write (the usual case: a read, no write lock): the row has seen
+    /// its CHECK and is confirmed, or is at this attempt or a later one. A row without its CHECK
+    /// always takes it: the CHECK brings the producer fields (a redrive needs them) and `expect`.
     pub fn recorded_for(&self, check: &Check) -> bool {
-        self.status == Status::Confirmed || (!self.producer.is_empty() && self.attempt >= check.attempt)
+        self.checked() && (self.status == Status::Confirmed || self.attempt >= check.attempt)
     }
 }
 
@@ -51,64 +51,38 @@ impl Store {
         check: &Check,
         row: Option<MessageRow>,
     ) -> Result<CheckView> {
-        if let Some(row) = row
-            && row.recorded_for(check)
-        {
-            return Ok(row);
-        }
         let id = id_text(check.message_id);
-        let now = now_ms();
-        let attempt = i64::from(check.attempt);
+        let row = match row {
+            Some(row) if row.recorded_for(check) => return Ok(row),
+            Some(row) if row.checked() => row,
+            _ => {
+                let mut rows = self.record_first_checks(producer, &[check]).await?;
+                return rows.remove(&id).ok_or_else(|| sqlx::Error::RowNotFound.into());
+            }
+        };
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO messages (message_id, producer, routing_key, business_key, expect, status, attempt,
-                 scheduled_attempt, published_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6, $7, $8, $8)
-             ON CONFLICT (message_id) DO UPDATE
-             SET producer = excluded.producer, routing_key = excluded.routing_key,
-                 business_key = excluded.business_key, expect = excluded.expect,
-                 published_at = excluded.published_at
-             WHERE messages.producer = ''",
-        )
-        .bind(&id)
-        .bind(producer)
-        .bind(&check.routing_key)
-        .bind(&check.business_key)
-        .bind(expect_text(&check.expect))
-        .bind(attempt)
-        .bind(check.published_at)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE messages SET attempt = $1, scheduled_attempt = $1, updated_at = $2
-             WHERE message_id = $3 AND attempt < $1 AND status IN ('pending', 'resent')",
-        )
-        .bind(attempt)
-        .bind(now)
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
+        advance(&mut tx, &row.message_id, check.attempt, now_ms()).await?;
         let row = fetch(&mut tx, &id).await?;
         tx.commit().await?;
         self.committed();
         Ok(row)
     }
 
-    /// Takes attempt `n` (bumps the row to `n + 1`); `false` if another check,
-    /// instance or redelivery took it first.
-    pub async fn claim(&self, message_id: &str, n: u32) -> Result<bool> {
-        let done = sqlx::query(
+    /// Takes attempt `n` (bumps the row to `n + 1`) and returns the resends done so far; `None`
+    /// if another check, instance or redelivery took it first.
+    pub async fn claim(&self, message_id: &str, n: u32) -> Result<Option<u32>> {
+        let resends: Option<i64> = sqlx::query_scalar(
             "UPDATE messages SET attempt = attempt + 1, updated_at = $1
-             WHERE message_id = $2 AND attempt = $3 AND status IN ('pending', 'resent')",
+             WHERE message_id = $2 AND attempt = $3 AND status IN ('pending', 'resent')
+             RETURNING resend_count",
         )
         .bind(now_ms())
         .bind(message_id)
         .bind(i64::from(n))
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
         self.committed();
-        Ok(done.rows_affected() == 1)
+        Ok(resends.map(|n| u32::try_from(n).unwrap_or(u32::MAX)))
     }
 
     /// Records how attempt `attempt` ended, if the row is still at that attempt
@@ -258,6 +232,25 @@ impl Store {
             .await?;
         raw.map(message_from).transpose()
     }
+}
+
+/// Moves an open row forward to a check's later attempt (a redrive on another instance, a purge).
+pub(super) async fn advance(
+    tx: &mut sqlx::AnyConnection,
+    message_id: &str,
+    attempt: u32,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE messages SET attempt = $1, scheduled_attempt = $1, updated_at = $2
+         WHERE message_id = $3 AND attempt < $1 AND status IN ('pending', 'resent')",
+    )
+    .bind(i64::from(attempt))
+    .bind(now)
+    .bind(message_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn fetch(tx: &mut sqlx::AnyConnection, message_id: &str) -> Result<MessageRow> {

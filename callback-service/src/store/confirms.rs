@@ -1,11 +1,11 @@
 //! Confirm ingest: many confirms per transaction, set-based — a handful of statements per chunk
 //! of up to [`CHUNK_ROWS`] confirms, not several per confirm. A confirm before its check creates
-//! the row; `expect` decides when a message counts as confirmed.
+//! the row, which then knows no `expect`: only its CHECK can settle it ([`super::settle`]).
 //!
-//! Per chunk: create the missing rows, read their status, read the stored confirms of the
-//! messages that expect several consumers, upsert the confirms, decide each message in memory
-//! exactly as applying its confirms one by one would ([`settling`]), move the rows (one UPDATE
-//! per (from, to)), append the history. Only full chunks keep their prepared statement (one text
+//! Per chunk: create the missing rows and lock the rest (in id order), read their status, read
+//! the stored confirms of the messages that expect several consumers, upsert the confirms, decide
+//! each message in memory exactly as applying its confirms one by one would ([`settling`]), move
+//! the rows (one UPDATE per (from, to)), append the history. Only full chunks keep their prepared statement (one text
 //! each; compiling a 1 000-row statement costs SQLite about as much as running it); partial ones
 //! vary in length and would only churn the statement cache.
 
@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use recheck::message::{Confirm, Outcome, now_ms};
 use sqlx::{AnyConnection, AssertSqlSafe};
 
-use super::{CHUNK_ROWS, Result, Status, Store, id_text, placeholders, tuples};
+use super::{CHUNK_ROWS, Result, Status, Store, id_text, placeholders, settle::Expected, tuples};
 
 /// What one ingest transaction did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -34,23 +34,35 @@ struct Item<'a> {
     confirm: &'a Confirm,
 }
 
-/// The confirm that settles a message.
+/// What settles a message: a confirm, or its CHECK finding the confirms it expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Settled<'a> {
-    Rejected { consumer: &'a str, detail: Option<&'a str> },
-    Confirmed { consumer: &'a str },
+pub(super) enum Settled<'a> {
+    Rejected {
+        consumer: &'a str,
+        detail: Option<&'a str>,
+    },
+    Confirmed {
+        consumer: &'a str,
+    },
+    /// The confirms came first; the CHECK's `expect` found them sufficient.
+    AtCheck {
+        by: String,
+    },
 }
 
 impl Settled<'_> {
-    fn to(&self) -> Status {
+    pub(super) fn to(&self) -> Status {
         match self {
             Settled::Rejected { .. } => Status::Rejected,
-            Settled::Confirmed { .. } => Status::Confirmed,
+            Settled::Confirmed { .. } | Settled::AtCheck { .. } => Status::Confirmed,
         }
     }
 
     fn reason(&self, from: Status) -> String {
         match (self, from) {
+            (Settled::AtCheck { by }, _) => {
+                format!("confirmed by {by} at its check (the confirms came first)")
+            }
             (Settled::Rejected { consumer, detail }, _) => {
                 format!("rejected by {consumer}: {}", detail.unwrap_or("no detail"))
             }
@@ -62,19 +74,27 @@ impl Settled<'_> {
     }
 }
 
-/// A row to move, as last read.
-struct Move<'a> {
-    id: &'a str,
-    from: Status,
-    attempt: u32,
-    settled: Settled<'a>,
+/// A row to move, as read under its lock.
+pub(super) struct Move<'a> {
+    pub(super) id: &'a str,
+    pub(super) from: Status,
+    pub(super) attempt: u32,
+    pub(super) settled: Settled<'a>,
 }
 
 /// What a chunk needs of a `messages` row.
 struct RowState {
     status: Status,
+    /// Its CHECK has been seen (a CHECK always names its producer; a confirm cannot).
+    checked: bool,
     expect: Option<String>,
     attempt: u32,
+}
+
+impl RowState {
+    fn expected(&self) -> Expected<'_> {
+        Expected::of(self.checked, self.expect.as_deref())
+    }
 }
 
 impl Store {
@@ -110,16 +130,14 @@ async fn ingest_chunk(
 ) -> Result<()> {
     let mut ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
     ids.dedup();
-    insert_missing(tx, &ids, now).await?;
+    insert_or_lock(tx, &ids, now).await?;
     let rows = read_rows(tx, &ids).await?;
     // Only messages expecting several consumers need the others' confirms; read before ours are
     // stored, so each of ours is judged with what came before it, as one by one.
     let expecting: Vec<&str> = ids
         .iter()
         .copied()
-        .filter(|id| {
-            rows[*id].expect.as_deref().is_some_and(|e| !e.is_empty()) && unsettled(rows[*id].status)
-        })
+        .filter(|id| rows[*id].expected().needs_others() && unsettled(rows[*id].status))
         .collect();
     let mut stored = read_confirms(tx, &expecting).await?;
     upsert_confirms(tx, items, now).await?;
@@ -132,7 +150,7 @@ async fn ingest_chunk(
             continue;
         }
         let seen = stored.entry(id.to_owned()).or_default();
-        if let Some(settled) = settling(message, row.expect.as_deref(), seen) {
+        if let Some(settled) = settling(message, row.expected(), seen) {
             moves.push(Move { id, from: row.status, attempt: row.attempt, settled });
         }
     }
@@ -153,20 +171,19 @@ async fn ingest_chunk(
 }
 
 /// A confirm moves any row but a confirmed or rejected one.
-fn unsettled(status: Status) -> bool {
+pub(super) fn unsettled(status: Status) -> bool {
     !matches!(status, Status::Confirmed | Status::Rejected)
 }
 
 /// The first of one message's confirms (in lock order) that settles it, as storing and checking
-/// them one by one finds it: a rejection settles at once; otherwise it is confirmed once every
-/// expected consumer has a stored confirm that is not a rejection (any confirm without
-/// `expect`). `seen` holds the consumers' stored outcomes and is updated as the confirms are.
+/// them one by one finds it: a rejection settles at once; otherwise [`Expected::confirmed_by`]
+/// decides (never before the CHECK). `seen` holds the consumers' stored outcomes and is updated
+/// as the confirms are.
 fn settling<'a>(
     message: &[Item<'a>],
-    expect: Option<&str>,
+    expected: Expected<'_>,
     seen: &mut HashMap<String, Outcome>,
 ) -> Option<Settled<'a>> {
-    let expect = expect.filter(|e| !e.is_empty());
     for item in message {
         let outcome = item.confirm.outcome;
         // The upsert: a `duplicate` never overwrites what the consumer first said.
@@ -183,21 +200,24 @@ fn settling<'a>(
                 detail: item.confirm.detail.as_deref(),
             });
         }
-        let all = expect
-            .is_none_or(|e| e.split(',').all(|want| seen.get(want).is_some_and(|o| *o != Outcome::Rejected)));
-        if all {
+        if expected.confirmed_by(seen) {
             return Some(Settled::Confirmed { consumer: item.consumer });
         }
     }
     None
 }
 
-/// A row for each id that has none yet.
-async fn insert_missing(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Result<()> {
+/// A row for each id that has none yet, and a lock on each that has, taken in id order in one
+/// statement (PostgreSQL locks a conflicting row even when the `DO UPDATE` writes nothing). Every
+/// writer that decides from a row's confirms — this ingest, another instance's, a CHECK meeting
+/// its confirms — holds the row's lock while it reads them, so none decides without seeing what
+/// another committed (two consumers' confirms in concurrent batches once both waited for the next
+/// check), and the id order keeps two batches from deadlocking.
+async fn insert_or_lock(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Result<()> {
     for ids in ids.chunks(CHUNK_ROWS) {
         let sql = format!(
             "INSERT INTO messages (message_id, status, created_at, updated_at) VALUES {}
-             ON CONFLICT (message_id) DO NOTHING",
+             ON CONFLICT (message_id) DO UPDATE SET updated_at = messages.updated_at WHERE 1 = 0",
             tuples(ids.len(), 2, &[None, Some("'pending'"), Some("$1"), Some("$1")])
         );
         let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(ids.len() == CHUNK_ROWS).bind(now);
@@ -214,18 +234,20 @@ async fn read_rows(tx: &mut AnyConnection, ids: &[&str]) -> Result<HashMap<Strin
     let mut rows = HashMap::with_capacity(ids.len());
     for ids in ids.chunks(CHUNK_ROWS) {
         let sql = format!(
-            "SELECT message_id, status, expect, attempt FROM messages WHERE message_id IN ({})",
+            "SELECT message_id, status, producer, expect, attempt FROM messages WHERE message_id IN ({})",
             placeholders(ids.len(), 1)
         );
-        let mut query = sqlx::query_as::<_, (String, String, Option<String>, i64)>(AssertSqlSafe(sql))
-            .persistent(ids.len() == CHUNK_ROWS);
+        let mut query =
+            sqlx::query_as::<_, (String, String, String, Option<String>, i64)>(AssertSqlSafe(sql))
+                .persistent(ids.len() == CHUNK_ROWS);
         for id in ids {
             query = query.bind(*id);
         }
         let found = query.fetch_all(&mut *tx).await?;
-        for (id, status, expect, attempt) in found {
+        for (id, status, producer, expect, attempt) in found {
             let state = RowState {
                 status: Status::parse(&status).unwrap_or(Status::Pending),
+                checked: !producer.is_empty(),
                 expect,
                 attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
             };
@@ -240,7 +262,7 @@ async fn read_rows(tx: &mut AnyConnection, ids: &[&str]) -> Result<HashMap<Strin
 }
 
 /// Stored confirms of the given messages: message id → consumer → outcome.
-async fn read_confirms(
+pub(super) async fn read_confirms(
     tx: &mut AnyConnection,
     ids: &[&str],
 ) -> Result<HashMap<String, HashMap<String, Outcome>>> {
@@ -301,61 +323,45 @@ async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -
     Ok(())
 }
 
-/// Moves each row conditionally on the status it was read with, one UPDATE per (from, to). On
-/// PostgreSQL a check's outcome may commit in between (pending → resent): the rows it did not
-/// return are read again and retried, up to three rounds in all. Returns the moves made.
-async fn move_rows<'a>(tx: &mut AnyConnection, mut moves: Vec<Move<'a>>, now: i64) -> Result<Vec<Move<'a>>> {
-    let mut done = Vec::with_capacity(moves.len());
-    for round in 1..=3 {
-        let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
-        for m in &moves {
-            groups.entry((m.from.as_str(), m.settled.to().as_str())).or_default().push(m.id);
-        }
-        let mut moved: HashSet<String> = HashSet::with_capacity(moves.len());
-        for ((from, to), ids) in groups {
-            for ids in ids.chunks(CHUNK_ROWS) {
-                let sql = format!(
-                    "UPDATE messages SET status = $1, updated_at = $2
-                     WHERE status = $3 AND message_id IN ({}) RETURNING message_id",
-                    placeholders(ids.len(), 4)
-                );
-                let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-                    .persistent(ids.len() == CHUNK_ROWS)
-                    .bind(to)
-                    .bind(now)
-                    .bind(from);
-                for id in ids {
-                    query = query.bind(*id);
-                }
-                let returned = query.fetch_all(&mut *tx).await?;
-                moved.extend(returned);
+/// Moves each row conditionally on the status it was read with, one UPDATE per (from, to).
+/// Every row is locked by this transaction, so each finds the status it was read with; the
+/// `status` condition and `RETURNING` only keep a history line from claiming a move that did not
+/// happen. Returns the moves made, in id order.
+pub(super) async fn move_rows<'a>(
+    tx: &mut AnyConnection,
+    moves: Vec<Move<'a>>,
+    now: i64,
+) -> Result<Vec<Move<'a>>> {
+    let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for m in &moves {
+        groups.entry((m.from.as_str(), m.settled.to().as_str())).or_default().push(m.id);
+    }
+    let mut moved: HashSet<String> = HashSet::with_capacity(moves.len());
+    for ((from, to), ids) in groups {
+        for ids in ids.chunks(CHUNK_ROWS) {
+            let sql = format!(
+                "UPDATE messages SET status = $1, updated_at = $2
+                 WHERE status = $3 AND message_id IN ({}) RETURNING message_id",
+                placeholders(ids.len(), 4)
+            );
+            let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+                .persistent(ids.len() == CHUNK_ROWS)
+                .bind(to)
+                .bind(now)
+                .bind(from);
+            for id in ids {
+                query = query.bind(*id);
             }
-        }
-        let (hit, missed): (Vec<Move>, Vec<Move>) = moves.into_iter().partition(|m| moved.contains(m.id));
-        done.extend(hit);
-        if missed.is_empty() || round == 3 {
-            // Still missed after three rounds: settled elsewhere meanwhile; the confirms are stored.
-            break;
-        }
-        let ids: Vec<&str> = missed.iter().map(|m| m.id).collect();
-        let rows = read_rows(tx, &ids).await?;
-        moves = missed
-            .into_iter()
-            .filter_map(|m| {
-                let row = &rows[m.id];
-                unsettled(row.status).then_some(Move { from: row.status, attempt: row.attempt, ..m })
-            })
-            .collect();
-        if moves.is_empty() {
-            break;
+            moved.extend(query.fetch_all(&mut *tx).await?);
         }
     }
+    let mut done: Vec<Move> = moves.into_iter().filter(|m| moved.contains(m.id)).collect();
     done.sort_unstable_by(|a, b| a.id.cmp(b.id));
     Ok(done)
 }
 
 /// One history row per move, in id order.
-async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], now: i64) -> Result<()> {
+pub(super) async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], now: i64) -> Result<()> {
     for moved in moved.chunks(CHUNK_ROWS) {
         let sql = format!(
             "INSERT INTO history (message_id, at, from_status, to_status, attempt, reason) VALUES {}",

@@ -3,14 +3,18 @@
 //! `ON CONFLICT`), two migration folders.
 //!
 //! - this file: connecting, migrations, row types;
+//! - [`settle`]: when a message counts as confirmed, for every arrival order;
 //! - [`confirms`]: batched confirm ingest;
+//! - [`first_checks`]: a CHECK batch meeting rows that lack their CHECK, and their confirms;
 //! - [`checks`]: the per-attempt transitions of the state machine, each a
 //!   conditional update on `(message_id, attempt)`;
 //! - [`queries`]: what the admin API reads and redrives, stats, retention.
 
 mod checks;
 mod confirms;
+mod first_checks;
 mod queries;
+mod settle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +27,7 @@ use uuid::Uuid;
 
 pub use checks::{AttemptOutcome, CheckView};
 pub use confirms::IngestReport;
+pub use queries::Counts;
 
 static SQLITE: Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("../migrations/postgres");
@@ -95,6 +100,14 @@ pub struct MessageRow {
     pub first_failure_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+impl MessageRow {
+    /// Open and known only from confirms: a confirm cannot settle it (it may expect more
+    /// consumers); its CHECK, when it comes, weighs the confirms stored meanwhile.
+    pub fn awaiting_check(&self) -> bool {
+        !self.status.is_terminal() && !self.checked()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,21 @@ use super::{
     select_messages,
 };
 
+/// What [`Store::counts`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub by_status: Vec<(Status, u64)>,
+    /// Open (`pending` / `resent`) rows that have not seen their CHECK: confirmed by some
+    /// consumer, maybe, but whether more are expected is known only once the CHECK comes.
+    pub awaiting_check: u64,
+}
+
+impl Counts {
+    pub fn total(&self) -> u64 {
+        self.by_status.iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// Statuses retention may delete.
 const PURGEABLE: &str = "('confirmed', 'void', 'rejected', 'failed')";
 
@@ -121,19 +136,28 @@ impl Store {
         self.get(message_id).await
     }
 
-    /// Row counts per status (every status, zeros included).
-    pub async fn counts(&self) -> Result<Vec<(Status, u64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM messages GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(Status::ALL
+    /// Row counts per status (every status, zeros included), and of the open ones how many
+    /// still wait for their CHECK (known only from confirms), in one scan.
+    pub async fn counts(&self) -> Result<Counts> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*), CAST(SUM(CASE WHEN producer = '' THEN 1 ELSE 0 END) AS BIGINT)
+             FROM messages GROUP BY status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        let by_status = Status::ALL
             .into_iter()
             .map(|s| {
-                let n = rows.iter().find(|(name, _)| name == s.as_str()).map_or(0, |(_, n)| *n);
-                (s, u64::try_from(n).unwrap_or(0))
+                (s, rows.iter().find(|(name, ..)| name == s.as_str()).map_or(0, |(_, count, _)| n(*count)))
             })
-            .collect())
+            .collect();
+        let awaiting_check = rows
+            .iter()
+            .filter(|(name, ..)| Status::parse(name).is_some_and(|s| !s.is_terminal()))
+            .map(|(_, _, unchecked)| n(*unchecked))
+            .sum();
+        Ok(Counts { by_status, awaiting_check })
     }
 
     /// Confirms received and resends made since `since_ms`.

@@ -1,0 +1,258 @@
+//! `expect` with several consumers, in every arrival order, end to end: a real broker, the real
+//! callback service on SQLite and PostgreSQL, CHECKs and CONFIRMs published as an integrating
+//! team's producer and consumers would (no SDK consumer), and a producer hook that counts its
+//! calls. The rule under test (README "When a message counts as confirmed"): a confirm never
+//! settles a message whose CHECK has not arrived; the CHECK weighs the confirms stored meanwhile.
+
+mod common;
+#[path = "callback/harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use callback_service::store::{MessageRow, Status};
+use harness::Env;
+use recheck::message::{Check, CheckBatch, Confirm, ConfirmBatch, Outcome, now_ms};
+use recheck_proto::v1 as pb;
+use uuid::Uuid;
+
+use common::wait_for;
+
+const SOON: Duration = Duration::from_secs(30);
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
+                super::$name(&url, 1).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+                super::$name(&db.url, 1).await;
+            })*
+        }
+        /// The same with two callback instances on one PostgreSQL store: the CHECK and each
+        /// CONFIRM may be taken by either.
+        mod two_instances {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+                super::$name(&db.url, 2).await;
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    confirms_before_the_check,
+    one_confirm_before_the_check_is_not_enough,
+    the_check_before_the_confirms,
+    one_confirm_before_the_check_the_other_after,
+    a_rejection_by_one_of_two,
+    without_expect_one_confirm_before_the_check_suffices,
+);
+
+async fn env(url: &str, instances: usize) -> Env {
+    let mut env = Env::start(url, |_| {}).await;
+    for _ in 1..instances {
+        env.start_callback_service(|_| {}).await;
+    }
+    env
+}
+
+/// A committed order the hook can resend, with no CHECK published yet.
+fn committed(env: &Env) -> Uuid {
+    let id = Uuid::now_v7();
+    env.orders.0.lock().unwrap().insert(id, b"{\"order\":\"o\"}".to_vec());
+    id
+}
+
+async fn check(env: &Env, id: Uuid, expect: &[&str]) {
+    let check = Check {
+        message_id: id,
+        routing_key: "order.created".into(),
+        business_key: format!("key-{id}"),
+        attempt: 0,
+        published_at: now_ms(),
+        expect: (!expect.is_empty()).then(|| expect.iter().map(|c| c.to_string()).collect()),
+        traceparent: None,
+    };
+    let batch = CheckBatch::new("orders", vec![check]);
+    recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+}
+
+async fn confirm(env: &Env, consumer: &str, id: Uuid, outcome: Outcome) {
+    let detail = (outcome == Outcome::Rejected).then(|| "no such customer".to_owned());
+    let batch = ConfirmBatch::new(
+        consumer,
+        vec![Confirm { message_id: id, outcome, detail, processed_at: now_ms() }],
+    );
+    publish_confirms(env, &batch).await;
+}
+
+async fn publish_confirms(env: &Env, batch: &ConfirmBatch) {
+    let body = serde_json::to_vec(batch).unwrap();
+    env.publisher
+        .publish(recheck::Outgoing {
+            exchange: &env.topology.confirms_exchange(),
+            routing_key: "",
+            body: &body,
+            properties: lapin::BasicProperties::default()
+                .with_content_type(recheck::message::CONTENT_TYPE_JSON.into()),
+        })
+        .await
+        .unwrap();
+}
+
+/// Waits until the store holds `n` confirms of the message.
+async fn stored_confirms(env: &Env, id: Uuid, n: usize) -> MessageRow {
+    wait_for(&format!("{n} confirms of {id} stored"), SOON, || async {
+        let (row, confirms, _) = env.store.details(&id.to_string()).await.unwrap()?;
+        (confirms.len() >= n).then_some(row)
+    })
+    .await
+}
+
+/// Waits until the CHECK has been taken (the row knows its producer).
+async fn checked(env: &Env, id: Uuid) -> MessageRow {
+    wait_for(&format!("the check of {id} taken"), SOON, || async {
+        env.row(id).await.filter(|r| r.checked() && (r.status != Status::Pending || r.attempt > 0))
+    })
+    .await
+}
+
+async fn admin(env: &Env) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
+    pb::admin_client::AdminClient::connect(format!("http://{}", env.admin_addrs[0])).await.unwrap()
+}
+
+async fn last_reason(env: &Env, id: Uuid) -> String {
+    let history = env.store.details(&id.to_string()).await.unwrap().unwrap().2;
+    history.last().map(|t| t.reason.clone()).unwrap_or_default()
+}
+
+/// Both expected consumers answer before the CHECK: the CHECK confirms, with no RPC. Until then
+/// the message is pending, shown as awaiting its check, and the row learns the CHECK's fields.
+async fn confirms_before_the_check(url: &str, instances: usize) {
+    let env = env(url, instances).await;
+    let id = committed(&env);
+    confirm(&env, "a", id, Outcome::Processed).await;
+    // An original and its resend in one CONFIRM: folded, not parked.
+    let twice = ConfirmBatch::new(
+        "b",
+        vec![
+            Confirm { message_id: id, outcome: Outcome::Processed, detail: None, processed_at: now_ms() },
+            Confirm { message_id: id, outcome: Outcome::Duplicate, detail: None, processed_at: now_ms() },
+        ],
+    );
+    publish_confirms(&env, &twice).await;
+    let row = stored_confirms(&env, id, 2).await;
+    assert_eq!(row.status, Status::Pending, "confirmed before its CHECK said who is expected");
+    assert!(row.awaiting_check());
+    let shown = admin(&env).await.get_message(pb::GetMessageRequest { message_id: id.to_string() }).await;
+    let shown = shown.unwrap().into_inner().message.unwrap();
+    assert!(shown.awaiting_check && shown.status == pb::MessageStatus::Pending as i32, "{shown:?}");
+    let stats = admin(&env).await.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.awaiting_check, 1);
+
+    check(&env, id, &["a", "b"]).await;
+    let row = env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(env.hook.total_calls(), 0, "a confirmed message was resent");
+    assert_eq!((row.producer.as_str(), row.routing_key.as_str()), ("orders", "order.created"));
+    assert_eq!(row.business_key, format!("key-{id}"));
+    assert!(row.published_at > 0 && row.expect == Some(vec!["a".into(), "b".into()]), "{row:?}");
+    assert_eq!(last_reason(&env, id).await, "confirmed by a, b at its check (the confirms came first)");
+    let stats = admin(&env).await.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.awaiting_check, 0);
+    env.shutdown().await;
+}
+
+/// The reported defect: `a` confirms, `b` never does. The CHECK finds `b` missing and resends; the
+/// message stays unconfirmed until `b` answers.
+async fn one_confirm_before_the_check_is_not_enough(url: &str, instances: usize) {
+    let env = env(url, instances).await;
+    let id = committed(&env);
+    confirm(&env, "a", id, Outcome::Processed).await;
+    stored_confirms(&env, id, 1).await;
+    check(&env, id, &["a", "b"]).await;
+    let row = env.wait_status(id, Status::Resent, SOON).await;
+    assert_eq!(row.expect, Some(vec!["a".into(), "b".into()]));
+    assert_eq!(env.hook.calls_for(id), vec![(1, 1)], "one resend, numbered 1");
+    confirm(&env, "b", id, Outcome::Processed).await;
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(last_reason(&env, id).await, "confirmed by b");
+    env.shutdown().await;
+}
+
+async fn the_check_before_the_confirms(url: &str, instances: usize) {
+    let env = env(url, instances).await;
+    let id = committed(&env);
+    check(&env, id, &["a", "b"]).await;
+    checked(&env, id).await;
+    confirm(&env, "a", id, Outcome::Processed).await;
+    let row = stored_confirms(&env, id, 1).await;
+    assert!(matches!(row.status, Status::Pending | Status::Resent), "{:?} on a alone", row.status);
+    confirm(&env, "b", id, Outcome::Duplicate).await;
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(last_reason(&env, id).await, "confirmed by b");
+    env.shutdown().await;
+}
+
+async fn one_confirm_before_the_check_the_other_after(url: &str, instances: usize) {
+    let env = env(url, instances).await;
+    let id = committed(&env);
+    confirm(&env, "b", id, Outcome::Processed).await;
+    stored_confirms(&env, id, 1).await;
+    check(&env, id, &["a", "b"]).await;
+    let row = checked(&env, id).await;
+    assert_ne!(row.status, Status::Confirmed, "b alone confirmed it");
+    confirm(&env, "a", id, Outcome::Processed).await;
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(last_reason(&env, id).await, "confirmed by a");
+    env.shutdown().await;
+}
+
+/// A rejection settles in any order: before the CHECK (which then finds it rejected and makes no
+/// RPC), and after it.
+async fn a_rejection_by_one_of_two(url: &str, instances: usize) {
+    let env = env(url, instances).await;
+    let before = committed(&env);
+    confirm(&env, "a", before, Outcome::Processed).await;
+    confirm(&env, "b", before, Outcome::Rejected).await;
+    env.wait_status(before, Status::Rejected, SOON).await;
+    check(&env, before, &["a", "b"]).await;
+    let row = wait_for("the check to fill in the rejected row", SOON, || async {
+        env.row(before).await.filter(MessageRow::checked)
+    })
+    .await;
+    assert_eq!(row.status, Status::Rejected);
+
+    let after = committed(&env);
+    check(&env, after, &["a", "b"]).await;
+    checked(&env, after).await;
+    confirm(&env, "b", after, Outcome::Rejected).await;
+    env.wait_status(after, Status::Rejected, SOON).await;
+    assert_eq!(last_reason(&env, after).await, "rejected by b: no such customer");
+    assert_eq!(env.hook.calls_for(before), vec![], "a rejected message was resent");
+    env.shutdown().await;
+}
+
+async fn without_expect_one_confirm_before_the_check_suffices(url: &str, instances: usize) {
+    let env = env(url, instances).await;
+    let id = committed(&env);
+    confirm(&env, "a", id, Outcome::Processed).await;
+    let row = stored_confirms(&env, id, 1).await;
+    assert_eq!(row.status, Status::Pending);
+    check(&env, id, &[]).await;
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(env.hook.total_calls(), 0);
+    assert_eq!(last_reason(&env, id).await, "confirmed by a at its check (the confirms came first)");
+    env.shutdown().await;
+}
