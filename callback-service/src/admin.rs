@@ -36,7 +36,7 @@ impl AdminService {
 /// Why a redrive did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum RedriveError {
-    #[error("{0} is not failed or rejected (or unknown)")]
+    #[error("{0} is not failed or rejected, or its CHECK has not arrived (or it is unknown)")]
     NotRedrivable(String),
     #[error(transparent)]
     Store(#[from] StoreError),

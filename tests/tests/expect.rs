@@ -227,12 +227,18 @@ async fn a_rejection_by_one_of_two(url: &str, instances: usize) {
     confirm(&env, "a", before, Outcome::Processed).await;
     confirm(&env, "b", before, Outcome::Rejected).await;
     env.wait_status(before, Status::Rejected, SOON).await;
+    // No producer to name yet: a redrive must wait for the CHECK.
+    let redrive = pb::RedriveRequest { message_id: before.to_string() };
+    let refused = admin(&env).await.redrive(redrive.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     check(&env, before, &["a", "b"]).await;
     let row = wait_for("the check to fill in the rejected row", SOON, || async {
         env.row(before).await.filter(MessageRow::checked)
     })
     .await;
     assert_eq!(row.status, Status::Rejected);
+    let redriven = admin(&env).await.redrive(redrive).await.unwrap().into_inner().message.unwrap();
+    assert_eq!((redriven.producer.as_str(), redriven.status), ("orders", pb::MessageStatus::Pending as i32));
 
     let after = committed(&env);
     check(&env, after, &["a", "b"]).await;
@@ -240,7 +246,7 @@ async fn a_rejection_by_one_of_two(url: &str, instances: usize) {
     confirm(&env, "b", after, Outcome::Rejected).await;
     env.wait_status(after, Status::Rejected, SOON).await;
     assert_eq!(last_reason(&env, after).await, "rejected by b: no such customer");
-    assert_eq!(env.hook.calls_for(before), vec![], "a rejected message was resent");
+    assert_eq!(env.hook.calls_for(after), vec![], "a rejected message was resent");
     env.shutdown().await;
 }
 

@@ -113,11 +113,13 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = raw.map(message_from).transpose()? else { return Ok(None) };
-        if !matches!(row.status, Status::Failed | Status::Rejected) {
+        // A row rejected before its CHECK came knows no producer to ask: its CHECK, when it
+        // comes, fills that in, and only then can a redrive's CHECK name it.
+        if !matches!(row.status, Status::Failed | Status::Rejected) || !row.checked() {
             return Ok(None);
         }
         let attempt = row.attempt + 1;
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE messages SET status = 'pending', attempt = $1, scheduled_attempt = $1, resend_count = 0,
                  first_failure_at = NULL, last_error = NULL, updated_at = $2
              WHERE message_id = $3 AND attempt = $4 AND status = $5",
@@ -129,6 +131,10 @@ impl Store {
         .bind(row.status.as_str())
         .execute(&mut *tx)
         .await?;
+        // A redrive or a late confirm got in first: nothing of ours to record or publish.
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
         record_transition(&mut tx, message_id, Some(row.status), Status::Pending, attempt, "redrive", now)
             .await?;
         tx.commit().await?;
