@@ -335,16 +335,43 @@ async fn thousands_of_confirms_take_few_transactions(url: &str) {
             .await
             .unwrap();
     }
-    let last = *ids.last().unwrap();
-    env.wait_status(last, Status::Confirmed, SOON).await;
+    // No CHECK yet: stored, each message awaiting its check.
     wait_for("every confirm stored", SOON, || async {
-        let counts = env.store.counts().await.unwrap();
-        (counts.by_status.iter().find(|(s, _)| *s == Status::Confirmed).unwrap().1 == 3000).then_some(())
+        (env.store.counts().await.unwrap().awaiting_check == 3000).then_some(())
     })
     .await;
     let transactions = env.store.transactions() - before;
     eprintln!("3000 confirms in {transactions} transactions");
     assert!(transactions <= 30, "3000 confirms took {transactions} transactions");
+
+    // Their CHECKs, 500 a message: one transaction each fills the rows in and confirms them all.
+    let before = env.store.transactions();
+    for chunk in ids.chunks(500) {
+        let checks = chunk
+            .iter()
+            .map(|id| Check {
+                message_id: *id,
+                routing_key: "order.created".into(),
+                business_key: "o".into(),
+                attempt: 0,
+                published_at: now_ms(),
+                expect: None,
+                traceparent: None,
+            })
+            .collect();
+        let batch = CheckBatch::new("orders", checks);
+        recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+    wait_for("every message confirmed at its check", SOON, || async {
+        let counts = env.store.counts().await.unwrap();
+        (counts.by_status.iter().find(|(s, _)| *s == Status::Confirmed).unwrap().1 == 3000).then_some(())
+    })
+    .await;
+    let transactions = env.store.transactions() - before;
+    assert!(transactions <= 6, "6 CHECK messages took {transactions} transactions");
+    assert_eq!(env.hook.total_calls(), 0);
     env.shutdown().await;
 }
 
