@@ -84,24 +84,24 @@ pub struct Config {
     pub rpc_timeout: Duration,
 
     /// Concurrent `Resend` RPCs to one producer; more wait for a slot.
-    #[arg(long, env = "RECHECK_MAX_RPCS_PER_PRODUCER", default_value_t = 32)]
+    #[arg(long, env = "RECHECK_MAX_RPCS_PER_PRODUCER", default_value_t = 32, value_parser = at_least_one)]
     pub max_rpcs_per_producer: usize,
 
     /// Unacked CHECK deliveries in flight (AMQP prefetch of the checks consumer).
-    #[arg(long, env = "RECHECK_CHECK_PREFETCH", default_value_t = 32)]
+    #[arg(long, env = "RECHECK_CHECK_PREFETCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub check_prefetch: u16,
 
     /// Checks decided at once over all CHECK deliveries (each holds a few KB while decided);
     /// a delivery with more ids takes them all and goes alone.
-    #[arg(long, env = "RECHECK_MAX_CHECKS_IN_FLIGHT", default_value_t = 1000)]
+    #[arg(long, env = "RECHECK_MAX_CHECKS_IN_FLIGHT", default_value_t = 1000, value_parser = at_least_one)]
     pub max_checks_in_flight: usize,
 
     /// Unacked CONFIRM deliveries in flight (AMQP prefetch of the confirms consumer).
-    #[arg(long, env = "RECHECK_CONFIRM_PREFETCH", default_value_t = 2000)]
+    #[arg(long, env = "RECHECK_CONFIRM_PREFETCH", default_value_t = 2000, value_parser = clap::value_parser!(u16).range(1..))]
     pub confirm_prefetch: u16,
 
     /// Most CONFIRM messages (each up to `--max-ids` confirms) written in one store transaction.
-    #[arg(long, env = "RECHECK_CONFIRM_BATCH", default_value_t = 1000)]
+    #[arg(long, env = "RECHECK_CONFIRM_BATCH", default_value_t = 1000, value_parser = at_least_one)]
     pub confirm_batch: usize,
 
     /// How long the confirm ingester waits for more deliveries before writing a batch.
@@ -117,11 +117,11 @@ pub struct Config {
     pub purge_interval: Duration,
 
     /// Largest CHECK or CONFIRM body accepted, in bytes; larger ones are parked.
-    #[arg(long, env = "RECHECK_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    #[arg(long, env = "RECHECK_MAX_BODY_BYTES", default_value_t = 1_048_576, value_parser = at_least_one)]
     pub max_body_bytes: usize,
 
     /// Most message ids in one CHECK or CONFIRM; larger batches are parked.
-    #[arg(long, env = "RECHECK_MAX_IDS", default_value_t = 5_000)]
+    #[arg(long, env = "RECHECK_MAX_IDS", default_value_t = 5_000, value_parser = at_least_one)]
     pub max_ids: usize,
 
     /// Consumers' queues, comma-separated `CONSUMER=QUEUE` (e.g. `points=points.order-created`):
@@ -197,6 +197,16 @@ fn parse_producer(s: &str) -> Result<ProducerEntry, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
+/// A count that must be at least 1: 0 would hang (a semaphore of no permits), remove a bound
+/// (AMQP reads a prefetch of 0 as unlimited) or refuse every message.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +222,27 @@ mod tests {
         assert_eq!(c.grpc_addr.port(), 0);
         assert_eq!(c.ops.ops_addr.port(), 0);
         assert_eq!(Config::parse_from(["callback-service"]).ops.ops_addr.port(), 9051);
+    }
+
+    /// Every count with a bound refuses 0 (and nonsense) with a message naming the flag.
+    #[test]
+    fn counts_refuse_zero() {
+        for flag in [
+            "--max-rpcs-per-producer",
+            "--check-prefetch",
+            "--max-checks-in-flight",
+            "--confirm-prefetch",
+            "--confirm-batch",
+            "--max-body-bytes",
+            "--max-ids",
+        ] {
+            for bad in ["0", "-1", "lots"] {
+                let arg = format!("{flag}={bad}");
+                let err = Config::try_parse_from(["callback-service", &arg]).unwrap_err();
+                assert!(err.to_string().contains(flag), "{arg}: {err}");
+            }
+            assert!(Config::try_parse_from(["callback-service", flag, "7"]).is_ok(), "{flag} 7");
+        }
     }
 
     #[test]

@@ -319,6 +319,10 @@ impl Reconciler {
         if let Some(plan) = self.defer(check).await {
             return Ok(plan);
         }
+        // The slot before the gate: a check that waited for a slot while the circuit opened
+        // (a hook that accepts and never answers times out one call per slot) defers instead of
+        // adding its own timeout, so an open circuit stops the checks already in flight too.
+        let slot = self.slot(producer).acquire_owned().await?;
         if let Gate::Open { retry_in, failing_since } = self.breakers.gate(producer) {
             if now_ms() - failing_since >= millis(self.policy.unreachable_deadline) {
                 let reason = format!("producer unreachable: circuit open since {failing_since} (ms)");
@@ -345,7 +349,6 @@ impl Reconciler {
             attempt: resends.saturating_add(1),
             published_at: check.published_at,
         };
-        let slot = self.slot(producer).acquire_owned().await?;
         self.counters.rpcs.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let answer = client.resend(request, self.policy.rpc_timeout).await;
