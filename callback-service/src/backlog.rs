@@ -14,6 +14,8 @@ use recheck::Publisher;
 
 /// How long a measured depth is trusted.
 const FRESH: Duration = Duration::from_secs(1);
+/// Longest wait for one depth probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Backlog {
     publisher: Publisher,
@@ -48,28 +50,46 @@ impl Backlog {
     }
 
     /// Ready messages in `queue`; 0 when it cannot be measured (never defer blind).
+    /// Single-flight: a burst of due checks waits for one probe per queue and round (the cache
+    /// is read again under the lock), and a probe is bounded by [`PROBE_TIMEOUT`], so a stalled
+    /// connection delays deferral decisions by that much, never blocks them.
     async fn depth(&self, queue: &str) -> u32 {
-        if let Some((at, depth)) = self.depths.lock().expect("depths lock").get(queue)
-            && at.elapsed() < FRESH
-        {
-            return *depth;
+        if let Some(depth) = self.cached(queue) {
+            return depth;
         }
         let mut channel = self.channel.lock().await;
-        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
-            *channel = self.publisher.create_channel().await.ok();
+        if let Some(depth) = self.cached(queue) {
+            return depth;
         }
-        let Some(ch) = channel.as_ref() else { return 0 };
-        let passive = QueueDeclareOptions::durable().passive();
-        let depth = match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
-            Ok(q) => q.message_count(),
-            Err(e) => {
+        let probe = async {
+            if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+                *channel = self.publisher.create_channel().await.ok();
+            }
+            let ch = channel.as_ref()?;
+            let passive = QueueDeclareOptions::durable().passive();
+            Some(ch.queue_declare(queue.into(), passive, FieldTable::default()).await)
+        };
+        let depth = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Some(Ok(q))) => q.message_count(),
+            Ok(Some(Err(e))) => {
                 // A missing queue closes the channel (404): reopen next time.
                 tracing::warn!(queue, error = %e, "cannot measure the consumer queue");
+                *channel = None;
+                0
+            }
+            Ok(None) => 0,
+            Err(_) => {
+                tracing::warn!(queue, timeout = ?PROBE_TIMEOUT, "measuring the consumer queue timed out");
                 *channel = None;
                 0
             }
         };
         self.depths.lock().expect("depths lock").insert(queue.to_owned(), (Instant::now(), depth));
         depth
+    }
+
+    fn cached(&self, queue: &str) -> Option<u32> {
+        let depths = self.depths.lock().expect("depths lock");
+        depths.get(queue).filter(|(at, _)| at.elapsed() < FRESH).map(|(_, depth)| *depth)
     }
 }
