@@ -9,6 +9,7 @@ use recheck::{
     Publisher, SubscriptionConfig,
     message::now_ms,
     ops::{OpsServer, Readiness, report_health},
+    shutdown::Loops,
     telemetry,
     tls::ServerTls,
 };
@@ -138,7 +139,16 @@ impl App {
             c.admin_tokens.clone().unwrap_or_default(),
         );
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        let readiness = Readiness::new().broker(&self.publisher).store(self.store.pool());
+        // A loop that dies fails readiness at once, then stops the others: the process exits
+        // with the reason instead of serving gRPC and `/readyz` while no check is processed.
+        let loops = Loops::default();
+        let stop = shutdown.child_token();
+        let watched = loops.clone();
+        let readiness =
+            Readiness::new().broker(&self.publisher).store(self.store.pool()).probe("loops", move || {
+                let failed = watched.result();
+                async move { failed }
+            });
         let health_names = [recheck_proto::v1::admin_server::SERVICE_NAME];
         tracing::info!(grpc_addr = %self.grpc_addr, tls = ?self.tls, producers = self.registry.len(), "callback service started");
 
@@ -147,23 +157,38 @@ impl App {
             .add_service(admin.into_server(c.admin_tokens.clone().unwrap_or_default()))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),
-                shutdown.clone().cancelled_owned(),
+                stop.clone().cancelled_owned(),
             );
-        let (served, checked, ingested, (), ops, (), ()) = tokio::join!(
-            grpc,
-            reconciler.run(checks, shutdown.clone()),
-            ingest.run(confirms, shutdown.clone()),
-            purge(&self.store, c.retention, c.purge_interval, &shutdown),
-            self.ops.routes(dashboard.router()).serve(readiness.clone(), shutdown.clone()),
-            report_health(readiness, health_reporter, &health_names, shutdown.clone()),
-            status_gauge(&self.store, &shutdown),
+        tokio::join!(
+            loops.watch("gRPC", &stop, grpc),
+            loops.watch("check processing", &stop, reconciler.run(checks, stop.clone())),
+            loops.watch("confirm ingest", &stop, ingest.run(confirms, stop.clone())),
+            loops.watch(
+                "retention",
+                &stop,
+                infallible(purge(&self.store, c.retention, c.purge_interval, &stop))
+            ),
+            loops.watch(
+                "ops endpoints",
+                &stop,
+                self.ops.routes(dashboard.router()).serve(readiness.clone(), stop.clone())
+            ),
+            loops.watch(
+                "health",
+                &stop,
+                infallible(report_health(readiness, health_reporter, &health_names, stop.clone()))
+            ),
+            loops.watch("status gauge", &stop, infallible(status_gauge(&self.store, &stop))),
         );
         self.publisher.close().await;
-        served.context("serving gRPC")?;
-        ops.context("serving the ops endpoints")?;
-        checked.context("processing checks")?;
-        ingested.context("ingesting confirms")
+        loops.result().map_err(anyhow::Error::msg)
     }
+}
+
+/// A loop without an error of its own: its ending early is the failure [`Loops`] watches for.
+async fn infallible(run: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    run.await;
+    Ok(())
 }
 
 /// `recheck_messages{status}`: the store's counts per status, every few seconds.

@@ -18,7 +18,7 @@
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.
-//! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT.
+//! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT, and [`shutdown::Loops`]: a service loop that dies takes the service down.
 //! - [`trace`]: W3C trace context in AMQP headers, CHECK entries and gRPC metadata; with feature
 //!   `service`, the log subscriber (text / JSON with trace ids) and optional OTLP export (`otlp`).
 //! - [`telemetry`]: the metric catalog (names, labels, help) every component records by.
