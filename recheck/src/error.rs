@@ -19,6 +19,9 @@ pub enum Error {
     UnsupportedDatabase(String),
     #[error("malformed message: {0}")]
     Decode(#[from] crate::message::DecodeError),
+    /// An `Event` the callback service would refuse; nothing was published.
+    #[error("event refused: {0}")]
+    Invalid(crate::message::DecodeError),
     #[error("encode: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("TLS: {0}")]

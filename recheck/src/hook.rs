@@ -63,6 +63,8 @@ impl<S: ResendSource> ResendHookService<S> {
         let message_id = Uuid::parse_str(&req.message_id).map_err(|_| {
             Status::invalid_argument(format!("message_id {:?} is not a UUID", req.message_id))
         })?;
+        crate::message::check_routing_key(&req.routing_key)
+            .map_err(|e| Status::invalid_argument(format!("routing_key: {e}")))?;
         if req.producer != self.producer.name() {
             return Err(Status::invalid_argument(format!(
                 "this hook serves producer {:?}, not {:?}",

@@ -237,17 +237,32 @@ fn check_text(field: &'static str, text: &str) -> Result<(), DecodeError> {
 /// AMQP short strings (routing keys among them) hold at most 255 bytes.
 const MAX_ROUTING_KEY_BYTES: usize = 255;
 
+/// A routing key AMQP can carry and every store can hold: what a CHECK decoder accepts, and what
+/// a producer and its resend hook refuse before anything is published (lapin only
+/// `debug_assert!`s the length: a release build would write a corrupt frame).
+pub fn check_routing_key(routing_key: &str) -> Result<(), DecodeError> {
+    if routing_key.is_empty() {
+        return Err(DecodeError::Missing("checks[].routing_key"));
+    }
+    if routing_key.len() > MAX_ROUTING_KEY_BYTES {
+        let len = routing_key.len();
+        return Err(DecodeError::Field("checks[].routing_key", format!("{len} bytes, AMQP allows 255")));
+    }
+    check_text("checks[].routing_key", routing_key)
+}
+
+impl Check {
+    /// What the callback service's decoder requires of one check (besides the batch limits):
+    /// a producer checks it at `prepare`, so a CHECK the callback would park is never sent.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        check_entry(self)
+    }
+}
+
 /// One check: a routing key AMQP can carry, storable text, and values the state machine can do
 /// arithmetic on (a next attempt exists; now − `published_at` cannot overflow).
 fn check_entry(c: &Check) -> Result<(), DecodeError> {
-    if c.routing_key.is_empty() {
-        return Err(DecodeError::Missing("checks[].routing_key"));
-    }
-    // A resend publishes with it, and lapin panics on a routing key AMQP cannot carry.
-    if c.routing_key.len() > MAX_ROUTING_KEY_BYTES {
-        let len = c.routing_key.len();
-        return Err(DecodeError::Field("checks[].routing_key", format!("{len} bytes, AMQP allows 255")));
-    }
+    check_routing_key(&c.routing_key)?;
     if c.attempt == u32::MAX {
         return Err(DecodeError::Field("checks[].attempt", format!("{} leaves no next attempt", c.attempt)));
     }
@@ -257,7 +272,6 @@ fn check_entry(c: &Check) -> Result<(), DecodeError> {
             format!("{} is before 1970", c.published_at),
         ));
     }
-    check_text("checks[].routing_key", &c.routing_key)?;
     check_text("checks[].business_key", &c.business_key)?;
     c.expect.iter().flatten().try_for_each(check_consumer_name)
 }

@@ -7,7 +7,7 @@ use lapin::BasicProperties;
 use uuid::Uuid;
 
 use crate::{
-    GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
+    Error, GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
     message::{BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, now_ms},
     telemetry, trace,
 };
@@ -104,7 +104,9 @@ impl Producer {
     pub async fn prepare(&self, event: Event) -> Result<Prepared> {
         let message_id = Uuid::now_v7();
         tracing::Span::current().record("message_id", tracing::field::display(message_id));
-        self.inner.checks.submit(self.check_for(message_id, &event)).await?;
+        let check = self.check_for(message_id, &event);
+        check.validate().map_err(Error::Invalid)?;
+        self.inner.checks.submit(check).await?;
         metrics::counter!(telemetry::PREPARED, "producer" => self.name().to_owned()).increment(1);
         tracing::debug!("check prepared");
         Ok(Prepared { producer: self.clone(), message_id, event })

@@ -85,7 +85,50 @@ async fn the_hook_answers_all_three_outcomes_over_grpc() {
     bad.message_id = "not-a-uuid".into();
     let status = client.resend(bad).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // A routing key AMQP cannot carry is refused before any publish (lapin would panic in a
+    // debug build and write a corrupt frame in a release one).
+    for key in [String::new(), "k".repeat(256)] {
+        let mut bad = request(committed_id, now_ms());
+        bad.routing_key = key.clone();
+        let status = client.resend(bad).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{} bytes: {status:?}", key.len());
+        assert!(status.message().contains("routing_key"), "{status:?}");
+    }
 
     stop.cancel();
     server.await.unwrap().unwrap();
+}
+
+/// `prepare` refuses an event the callback service would park (its CHECK would be lost after
+/// `prepare` answered Ok), before anything is published.
+#[tokio::test]
+async fn prepare_refuses_what_the_callback_would_park() {
+    let (_vhost, publisher, topology) = fresh_broker().await;
+    let producer = Producer::new(publisher.clone(), topology.clone(), ProducerConfig::new("orders"));
+    let event = |routing_key: String, business_key: &str, expect: Option<Vec<String>>| recheck::Event {
+        routing_key,
+        business_key: business_key.into(),
+        payload: b"{}".to_vec(),
+        expect,
+    };
+    let refused = [
+        event("k".repeat(256), "o", None),
+        event(String::new(), "o", None),
+        event("order.created".into(), "o\u{0}", None),
+        event("order.created".into(), "o", Some(vec!["a,b".into()])),
+        event("order.created".into(), "o", Some(vec![String::new()])),
+    ];
+    for e in refused {
+        let err = producer.prepare(e.clone()).await.unwrap_err();
+        assert!(matches!(err, recheck::Error::Invalid(_)), "{e:?}: {err}");
+    }
+    let channel = publisher.create_channel().await.unwrap();
+    for tier in &topology.tiers {
+        let passive = lapin::options::QueueDeclareOptions::durable().passive();
+        let queue = topology.tier_queue(*tier);
+        let declared =
+            channel.queue_declare(queue.as_str().into(), passive, Default::default()).await.unwrap();
+        assert_eq!(declared.message_count(), 0, "a refused event published a CHECK to {queue}");
+    }
+    producer.prepare(event("order.created".into(), "o", Some(vec!["points".into()]))).await.unwrap();
 }
