@@ -1,7 +1,11 @@
-//! The demo flow, once: the three real binaries as processes on one broker
-//! (SQLite stores in a directory), `upstream-demo load` with faults, then the
-//! combined report. `scripts/demo` runs it big from release binaries (through
-//! `bin/demo.rs`); the `demo_flow` suite runs it small from debug binaries.
+//! The demo flow, once: the real binaries as processes on one broker (SQLite
+//! stores in a directory) — the callback service, upstream-demo and two consumers,
+//! `points` and `shipping`, every order expecting both — `upstream-demo load` with
+//! faults, then the combined report ([`report`]). `scripts/demo` runs it big from
+//! release binaries (through `bin/demo.rs`); the `demo_flow` suite runs it small
+//! from debug binaries.
+
+mod report;
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +15,8 @@ use serde_json::Value;
 use tokio::process::Command;
 
 use crate::Rabbit;
-use crate::deploy::{ConsumerFaults, DeployOptions, Deployment, LoadOptions};
+use crate::deploy::{ConsumerFaults, ConsumerSpec, DeployOptions, Deployment, LoadOptions, Verdict};
+use crate::faults::{POINTS, SHIPPING};
 
 /// Everything the demo can be asked to do.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,9 +35,12 @@ pub struct DemoOptions {
     /// Fraction of orders whose transaction rolls back after the CHECK.
     #[arg(long, default_value_t = 0.03)]
     pub abort_after_check_rate: f64,
-    /// Fraction of messages the consumer processes but never confirms.
+    /// Fraction of messages each consumer processes but never confirms.
     #[arg(long, default_value_t = 0.03)]
     pub drop_confirm_rate: f64,
+    /// Fraction of business messages lost on their way to `shipping` only (`points` gets them).
+    #[arg(long, default_value_t = 0.03)]
+    pub drop_message_rate: f64,
     /// Fraction of deliveries failing transiently before commit (redelivered).
     #[arg(long, default_value_t = 0.03)]
     pub fail_rate: f64,
@@ -62,35 +70,69 @@ pub struct DemoOptions {
     pub dir: PathBuf,
 }
 
-/// The combined report: the load generator's, the consumer's, and the verdict.
+/// The combined report: what was injected, the load generator's report, each consumer's
+/// `stats`, and the verdict from the stores.
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
+    pub orders: u64,
+    pub faults: Injected,
     pub load: Value,
-    pub consumer: Value,
+    /// `downstream-demo stats --json` of each consumer, in deployment order.
+    pub consumers: Vec<Value>,
+    pub verdict: Verdict,
+    /// The larger of the load's and the verdict's counts: both must be 0.
     pub lost: u64,
-    pub points_equal_confirmed: bool,
+    /// Every consumer applied every confirmed order exactly once (ledger and balances).
+    pub exactly_once: bool,
+    /// Why not, when not.
+    pub exactly_once_error: Option<String>,
+}
+
+/// The fault rates the run used.
+#[derive(Debug, Clone, Serialize)]
+pub struct Injected {
+    pub skip_publish_rate: f64,
+    pub abort_after_check_rate: f64,
+    pub fail_rate: f64,
+    pub reject_rate: f64,
+    pub drop_confirm_rate: f64,
+    pub drop_message_rate: f64,
+    pub slow_ms: u64,
 }
 
 impl DemoReport {
+    /// A number from the load generator's report (0 if absent).
     pub fn field(&self, name: &str) -> u64 {
         self.load.get(name).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// Nothing lost, and each consumer's effect exactly once.
+    pub fn ok(&self) -> bool {
+        self.lost == 0 && self.exactly_once
     }
 }
 
 /// Runs the whole flow against `rabbit` with the binaries in `bin_dir`.
 pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<DemoReport> {
     let vhost = rabbit.fresh_vhost().await?;
+    // Rejections are decided by message id, so both consumers reject the same orders.
+    let faults = ConsumerFaults {
+        drop_confirm_rate: opts.drop_confirm_rate,
+        drop_message_rate: 0.0,
+        fail_rate: opts.fail_rate,
+        reject_rate: opts.reject_rate,
+        slow_ms: opts.slow_ms,
+    };
+    let shipping = ConsumerFaults { drop_message_rate: opts.drop_message_rate, ..faults.clone() };
     let deploy = DeployOptions {
         tiers: opts.tiers.clone(),
         check_delay: opts.check_delay.clone(),
         callback_database_url: opts.callback_database_url.clone(),
         deferral: !opts.no_deferral,
-        consumer_faults: ConsumerFaults {
-            drop_confirm_rate: opts.drop_confirm_rate,
-            fail_rate: opts.fail_rate,
-            reject_rate: opts.reject_rate,
-            slow_ms: opts.slow_ms,
-        },
+        consumers: vec![
+            ConsumerSpec { faults, ..ConsumerSpec::new(POINTS) },
+            ConsumerSpec { faults: shipping, ..ConsumerSpec::new(SHIPPING) },
+        ],
         ..DeployOptions::new(&opts.dir, vhost.url.clone())
     };
     let deployment = Deployment::start(bin_dir, &deploy).await?;
@@ -104,25 +146,39 @@ pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<
     };
     let load = deployment.load(&load).await?;
 
-    let stats = Command::new(bin_dir.join("downstream-demo"))
-        .args(["stats", "--json"])
-        .env("DATABASE_URL", &deployment.points_db)
-        .output()
-        .await
-        .context("running downstream-demo stats")?;
-    anyhow::ensure!(stats.status.success(), "downstream-demo stats failed");
-    let consumer: Value = serde_json::from_slice(&stats.stdout).context("reading the consumer stats")?;
+    let mut consumers = Vec::new();
+    for c in &deployment.consumers {
+        let stats = Command::new(bin_dir.join("downstream-demo"))
+            .args(["stats", "--json", "--consumer", &c.name])
+            .env("DATABASE_URL", &c.db)
+            .output()
+            .await
+            .context("running downstream-demo stats")?;
+        anyhow::ensure!(stats.status.success(), "downstream-demo stats failed for {}", c.name);
+        consumers.push(serde_json::from_slice(&stats.stdout).context("reading the consumer stats")?);
+    }
     let verdict = deployment.verdict().await?;
     deployment.stop().await?;
 
     let lost = load.get("lost").and_then(Value::as_u64).context("the load report has no `lost`")?;
-    let confirmed = load.get("confirmed").and_then(Value::as_u64).unwrap_or(u64::MAX);
-    let points = load.get("points").and_then(Value::as_u64).unwrap_or(0);
+    let exactly_once = verdict.exactly_once().err().map(|e| format!("{e:#}"));
     Ok(DemoReport {
+        orders: opts.orders,
+        faults: Injected {
+            skip_publish_rate: opts.skip_publish_rate,
+            abort_after_check_rate: opts.abort_after_check_rate,
+            fail_rate: opts.fail_rate,
+            reject_rate: opts.reject_rate,
+            drop_confirm_rate: opts.drop_confirm_rate,
+            drop_message_rate: opts.drop_message_rate,
+            slow_ms: opts.slow_ms,
+        },
         lost: lost.max(verdict.lost),
-        points_equal_confirmed: points == confirmed && verdict.points == verdict.confirmed,
+        exactly_once: exactly_once.is_none(),
+        exactly_once_error: exactly_once,
         load,
-        consumer,
+        consumers,
+        verdict,
     })
 }
 
@@ -135,20 +191,4 @@ pub fn bin_dir() -> Result<PathBuf> {
         dir.pop();
     }
     Ok(dir)
-}
-
-impl std::fmt::Display for DemoReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "== orders (upstream-demo load) ==")?;
-        for (key, value) in self.load.as_object().into_iter().flatten() {
-            writeln!(f, "{key:>24}: {value}")?;
-        }
-        writeln!(f, "== points (downstream-demo stats) ==")?;
-        for (key, value) in self.consumer.as_object().into_iter().flatten() {
-            writeln!(f, "{key:>24}: {value}")?;
-        }
-        writeln!(f, "== verdict ==")?;
-        writeln!(f, "{:>24}: {}", "lost", self.lost)?;
-        write!(f, "{:>24}: {}", "points == confirmed", self.points_equal_confirmed)
-    }
 }

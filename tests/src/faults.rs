@@ -2,6 +2,10 @@
 //! (when a share of the orders is committed), and the [`Outcome`] computed from the stores. The
 //! `faults` suite runs each row small; `scripts/chaos` (`bin/chaos.rs`) runs them big and adds a
 //! mixed run with faults at random moments.
+//!
+//! Every row runs two consumers, `points` and `shipping`, and every order expects both: a fault
+//! on one consumer's side (a lost message or confirm, a kill) hits that consumer only, so a
+//! message one consumer confirmed must still be resent until the other did.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -13,7 +17,7 @@ use tokio::time::{Instant, sleep};
 
 use crate::{
     Rabbit, RabbitCluster,
-    deploy::{ConsumerFaults, DeployOptions, Deployment, LoadOptions, Role, Verdict},
+    deploy::{ConsumerFaults, ConsumerSpec, DeployOptions, Deployment, LoadOptions, Role, Verdict},
     free_port,
     proxy::FaultProxy,
 };
@@ -24,11 +28,12 @@ use crate::{
 pub enum Fault {
     /// No fault: the baseline.
     None,
-    /// 10 % of business messages never published (committed, then a "crash").
+    /// 10 % of business messages never published (committed, then a "crash"), and 5 % of the
+    /// published ones lost for `shipping` only (`points` gets and confirms them).
     BusinessDropped,
-    /// 10 % of confirms never sent (the points were awarded).
+    /// 10 % of `shipping`'s confirms never sent (the effect was applied; `points` confirms).
     ConfirmDropped,
-    /// downstream-demo killed with -9 mid-batch, restarted after a pause.
+    /// The `points` consumer killed with -9 mid-batch, restarted after a pause.
     ConsumerKilled,
     /// The callback service killed with -9 mid-batch, restarted after a pause.
     CallbackKilled,
@@ -48,12 +53,14 @@ pub enum Fault {
     /// is killed with -9 mid-load, and started again after the outage.
     NodeKilled,
     /// Two callback service instances on one PostgreSQL store, both reconciling (with dropped
-    /// publishes and confirms, so there is something to resend).
+    /// publishes, and `shipping`'s confirms dropped, so there is something to resend).
     TwoCallbacks,
-    /// The consumer stopped for longer than the check delay, then started (resend storm test).
+    /// The `shipping` consumer stopped for longer than the check delay, then started (resend
+    /// storm test; `points` goes on confirming).
     ConsumerDown,
-    /// Background faults on (dropped publishes and confirms, consumer failures and rejections,
-    /// aborts), and kills, broker restarts, alarms and cuts at random moments.
+    /// Background faults on (dropped publishes, `shipping`'s messages and confirms lost, consumer
+    /// failures and rejections, aborts), and kills, broker restarts, alarms and cuts at random
+    /// moments.
     Mixed,
 }
 
@@ -130,23 +137,30 @@ impl Outcome {
         self.verdict.resent_messages as f64 / self.verdict.committed.max(1) as f64
     }
 
+    /// The consumer named `name`'s part of the verdict.
+    pub fn consumer(&self, name: &str) -> &crate::deploy::ConsumerVerdict {
+        let found = self.verdict.consumers.iter().find(|c| c.consumer == name);
+        found.unwrap_or_else(|| panic!("no consumer {name} in the verdict"))
+    }
+
     /// The assertions every row must pass; `Err` says which failed.
     pub fn check(&self) -> Result<()> {
         let v = &self.verdict;
         anyhow::ensure!(v.lost == 0, "{:?}: {} lost, e.g. {:?}", self.fault, v.lost, v.lost_sample);
         anyhow::ensure!(v.pending == 0, "{:?}: {} still pending", self.fault, v.pending);
         anyhow::ensure!(
-            v.points == v.confirmed,
-            "{:?}: points {} != confirmed {}",
+            v.consumers.len() == CONSUMERS.len(),
+            "{:?}: consumers {:?}",
             self.fault,
-            v.points,
-            v.confirmed
+            v.consumers
         );
+        // Each consumer's effect exactly once for every confirmed order (ledger and balances).
+        v.exactly_once().with_context(|| format!("{:?}", self.fault))?;
         anyhow::ensure!(
-            v.repeated_hook_calls == 0,
-            "{:?}: {} hook calls repeated a (message, attempt)",
+            v.repeated_resends == 0,
+            "{:?}: {} resends repeated a (message, attempt)",
             self.fault,
-            v.repeated_hook_calls
+            v.repeated_resends
         );
         anyhow::ensure!(
             self.load.get("lost").and_then(Value::as_u64) == Some(0),
@@ -155,6 +169,18 @@ impl Outcome {
         );
         Ok(())
     }
+}
+
+/// The consumers of every row; every order expects both.
+pub const CONSUMERS: [&str; 2] = [POINTS, SHIPPING];
+pub const POINTS: &str = "points";
+/// The consumer the one-sided faults hit.
+pub const SHIPPING: &str = "shipping";
+
+/// The two consumers, `faults` on `shipping` only.
+fn consumers(shipping: ConsumerFaults) -> Vec<ConsumerSpec> {
+    let points = ConsumerSpec::new(POINTS);
+    vec![points, ConsumerSpec { faults: shipping, ..ConsumerSpec::new(SHIPPING) }]
 }
 
 /// Where the broker is and how to break it.
@@ -184,13 +210,17 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     let mut opts = DeployOptions::new(&scenario.dir, all_nodes.unwrap_or_else(|| vhost_url.clone()));
     opts.deferral = scenario.deferral;
     let mut load = LoadOptions { rate: scenario.rate, ..LoadOptions::new(scenario.orders) };
+    let mut shipping = ConsumerFaults::default();
 
     // Proxies exist only for the rows that break the network.
     let mut amqp_proxy = None;
     let mut hook_proxy = None;
     match fault {
-        Fault::BusinessDropped => load.skip_publish_rate = 0.1,
-        Fault::ConfirmDropped => opts.consumer_faults.drop_confirm_rate = 0.1,
+        Fault::BusinessDropped => {
+            load.skip_publish_rate = 0.1;
+            shipping.drop_message_rate = 0.05;
+        }
+        Fault::ConfirmDropped => shipping.drop_confirm_rate = 0.1,
         Fault::ConnectionsCut | Fault::ConnectionsStalled => {
             let proxy = FaultProxy::start_for(&vhost_url)?;
             opts.amqp_url = proxy.url_for(&vhost_url);
@@ -210,10 +240,11 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
             opts.callback_database_url =
                 Some(broker.postgres_url.clone().context("two callbacks need a PostgreSQL database")?);
             load.skip_publish_rate = 0.05;
-            opts.consumer_faults.drop_confirm_rate = 0.05;
+            shipping.drop_confirm_rate = 0.05;
         }
         _ => {}
     }
+    opts.consumers = consumers(shipping);
     let mut deployment = Deployment::start(bin_dir, &opts).await?;
     let running = deployment.spawn_load(&load)?;
 
@@ -253,8 +284,11 @@ pub async fn run_mixed(
     let vhost = broker.rabbit.fresh_vhost().await?;
     let proxy = FaultProxy::start_for(&vhost.url)?;
     let mut opts = DeployOptions::new(&scenario.dir, proxy.url_for(&vhost.url));
-    opts.consumer_faults =
-        ConsumerFaults { drop_confirm_rate: 0.02, fail_rate: 0.02, reject_rate: 0.01, slow_ms: 0 };
+    // Failures and rejections on both (rejections by message id, so both reject the same orders).
+    let both = ConsumerFaults { fail_rate: 0.02, reject_rate: 0.01, ..ConsumerFaults::default() };
+    opts.consumers =
+        consumers(ConsumerFaults { drop_confirm_rate: 0.02, drop_message_rate: 0.01, ..both.clone() });
+    opts.consumers[0].faults = both;
     let load = LoadOptions {
         rate: scenario.rate,
         skip_publish_rate: 0.02,
@@ -322,7 +356,8 @@ async fn inject(
     match fault {
         Fault::None | Fault::BusinessDropped | Fault::ConfirmDropped | Fault::TwoCallbacks | Fault::Mixed => {
         }
-        Fault::ConsumerKilled | Fault::ConsumerDown => bounce(deployment, Role::Downstream, outage).await?,
+        Fault::ConsumerKilled => bounce(deployment, deployment.consumer_role(POINTS)?, outage).await?,
+        Fault::ConsumerDown => bounce(deployment, deployment.consumer_role(SHIPPING)?, outage).await?,
         Fault::CallbackKilled => bounce(deployment, Role::Callback(0), outage).await?,
         Fault::ProducerKilled => bounce(deployment, Role::Upstream, outage).await?,
         Fault::HookDown => {

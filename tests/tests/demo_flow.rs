@@ -1,5 +1,6 @@
-//! The demo flow, small: the three real binaries as processes, a few hundred
-//! orders with every fault on, and nothing lost.
+//! The demo flow, small: the real binaries as processes, two consumers (every order
+//! expecting both), a few hundred orders with every fault on, nothing lost and each
+//! consumer's effect exactly once.
 
 use std::path::PathBuf;
 
@@ -16,6 +17,7 @@ async fn every_fault_on_and_nothing_lost() {
         skip_publish_rate: 0.05,
         abort_after_check_rate: 0.05,
         drop_confirm_rate: 0.05,
+        drop_message_rate: 0.05,
         fail_rate: 0.05,
         reject_rate: 0.05,
         slow_ms: 1,
@@ -30,7 +32,13 @@ async fn every_fault_on_and_nothing_lost() {
     eprintln!("{report}");
     let n = |k: &str| report.field(k);
     assert_eq!(report.lost, 0, "lost messages");
-    assert!(report.points_equal_confirmed, "points != confirmed");
+    assert!(report.exactly_once, "{:?}", report.exactly_once_error);
+    let consumers: Vec<&str> = report.verdict.consumers.iter().map(|c| c.consumer.as_str()).collect();
+    assert_eq!(consumers, ["points", "shipping"]);
+    let confirmed = n("confirmed");
+    assert!(confirmed > 0 && report.verdict.consumers.iter().all(|c| c.effects_confirmed == confirmed));
+    let shown = report.to_string();
+    assert!(shown.contains("shipping") && !shown.contains("null"), "{shown}");
     assert!(n("aborted") > 0 && n("skipped_publish") > 0, "the faults did not fire");
     assert_eq!(n("void_aborted"), n("aborted"), "an aborted order did not end void");
     assert_eq!(n("skipped_resent"), n("skipped_publish"), "a skipped publish was not resent");

@@ -55,7 +55,7 @@ async fn one_trace_id_crosses_all_three_services() {
     .map(owned);
     opts.callback_env = [logs.clone(), export.clone()].concat();
     opts.upstream_env = [logs.clone(), export].concat();
-    opts.downstream_env = logs.to_vec();
+    opts.consumers[0].env = logs.to_vec();
     let d = Deployment::start(&recheck_tests::demo::bin_dir().unwrap(), &opts).await.unwrap();
 
     let load = LoadOptions { skip_publish_rate: 0.25, rate: 100, ..LoadOptions::new(ORDERS) };
@@ -76,7 +76,7 @@ async fn one_trace_id_crosses_all_three_services() {
             .collect();
     orders.close().await;
     assert!(!resent.is_empty(), "nothing was resent");
-    let paths = [Role::Upstream, Role::Downstream, Role::Callback(0)].map(|role| d.log(role));
+    let paths = [Role::Upstream, Role::Consumer(0), Role::Callback(0)].map(|role| d.log(role));
     // SIGTERM: each service flushes the spans it has not exported yet.
     d.stop().await.unwrap();
 

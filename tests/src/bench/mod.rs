@@ -356,8 +356,8 @@ async fn batch_sizes(deployment: &crate::deploy::Deployment) -> String {
     let mut parts = Vec::new();
     for (role, histogram, what) in [
         (Role::Upstream, "recheck_check_batch_size", "ids per CHECK published by upstream-demo"),
-        (Role::Downstream, "recheck_consumer_batch_size", "deliveries per consumer transaction"),
-        (Role::Downstream, "recheck_confirm_batch_size", "ids per CONFIRM"),
+        (Role::Consumer(0), "recheck_consumer_batch_size", "deliveries per consumer transaction"),
+        (Role::Consumer(0), "recheck_confirm_batch_size", "ids per CONFIRM"),
         (Role::Callback(0), "recheck_reconcile_batch_size", "checks per CHECK delivery"),
         (Role::Callback(0), "recheck_ingest_batch_size", "confirms per callback transaction"),
     ] {

@@ -119,7 +119,7 @@ async fn measure(
     };
     let mut targets = vec![
         producer_target,
-        ("downstream-demo (consumer)".to_owned(), Target::Fresh(pid(Role::Downstream)?)),
+        ("downstream-demo (consumer)".to_owned(), Target::Fresh(pid(Role::Consumer(0))?)),
         ("callback-service".to_owned(), Target::Fresh(pid(Role::Callback(0))?)),
     ];
     targets.extend(env.server_targets(store == CallbackStore::Postgres));

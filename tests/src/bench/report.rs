@@ -150,7 +150,7 @@ fn mb(bytes: u64) -> String {
 }
 
 /// `12345.6` → `12 346`: thousands separated by a thin space, as in the figures.
-fn count(x: f64) -> String {
+pub(crate) fn count(x: f64) -> String {
     let digits = format!("{:.0}", x.max(0.0));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
 
     std::fs::write(args.dir.join("report.json"), serde_json::to_string_pretty(&outcomes)?)?;
     println!(
-        "| fault | deferral | orders | committed | lost | pending | duplicates absorbed | resent messages (share) | resends | failed | hook calls repeated | time to reconcile |"
+        "| fault | deferral | orders | committed | lost | pending | duplicates absorbed | resent messages (share) | resends | failed | resends repeated | time to reconcile |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for outcome in &outcomes {
@@ -134,7 +134,7 @@ fn row(o: &Outcome) -> String {
         o.resent_share() * 100.0,
         v.resends,
         v.failed,
-        v.repeated_hook_calls,
+        v.repeated_resends,
         o.reconcile_s
     )
 }

@@ -1,12 +1,12 @@
 //! `demo [options]`: what `scripts/demo` runs — a private RabbitMQ node, the
 //! three services, a load with every fault on, and the combined report.
-//! Exits 1 unless `lost: 0` and points == confirmed.
+//! Exits 1 unless nothing was lost and each consumer's effect happened exactly once.
 
 use clap::Parser;
 use recheck_tests::demo::{self, DemoOptions};
 
 #[derive(Parser)]
-#[command(about = "Recheck demo: three services, a load with faults, and the report")]
+#[command(about = "Recheck demo: the services, two consumers, a load with faults, and the report")]
 struct Args {
     #[command(flatten)]
     options: DemoOptions,
@@ -33,6 +33,6 @@ async fn main() -> anyhow::Result<()> {
     } else {
         println!("{report}");
     }
-    anyhow::ensure!(report.lost == 0 && report.points_equal_confirmed, "the demo lost messages");
+    anyhow::ensure!(report.ok(), "the demo lost messages or applied an effect twice");
     Ok(())
 }
