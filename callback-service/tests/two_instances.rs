@@ -7,24 +7,12 @@
 use std::sync::Arc;
 
 use callback_service::store::{Status, Store};
-use recheck::message::{Check, Confirm, Outcome, now_ms};
+use recheck::message::{Check, Confirm, Outcome};
 use uuid::Uuid;
 
 const MESSAGES: usize = 3_000;
 /// Confirms per ingest batch, as a CONFIRM micro-batch brings them.
 const BATCH: usize = 100;
-
-fn check(id: Uuid, expect: &[&str]) -> Check {
-    Check {
-        message_id: id,
-        routing_key: "order.created".into(),
-        business_key: "o".into(),
-        attempt: 0,
-        published_at: now_ms(),
-        expect: Some(expect.iter().map(|c| c.to_string()).collect()),
-        traceparent: None,
-    }
-}
 
 fn confirms(consumer: &str, ids: &[Uuid]) -> Vec<(String, Confirm)> {
     let confirm =
@@ -60,7 +48,7 @@ async fn not_confirmed(store: &Store, ids: &[Uuid]) -> Vec<String> {
 async fn two_consumers_confirming_on_two_instances_confirm_every_message() {
     let (one, two) = two_stores().await;
     let ids: Arc<Vec<Uuid>> = Arc::new((0..MESSAGES).map(|_| Uuid::now_v7()).collect());
-    let checks: Vec<Check> = ids.iter().map(|id| check(*id, &["a", "b"])).collect();
+    let checks: Vec<Check> = ids.iter().map(|id| recheck_tests::first_check(*id, &["a", "b"])).collect();
     for chunk in checks.chunks(1000) {
         one.record_first_checks("orders", &chunk.iter().collect::<Vec<_>>()).await.unwrap();
     }
@@ -87,7 +75,8 @@ async fn checks_meeting_confirms_on_another_instance_confirm_every_message() {
     let checks = {
         let (two, ids) = (two.clone(), ids.clone());
         tokio::spawn(async move {
-            let checks: Vec<Check> = ids.iter().map(|id| check(*id, &["a", "b"])).collect();
+            let checks: Vec<Check> =
+                ids.iter().map(|id| recheck_tests::first_check(*id, &["a", "b"])).collect();
             for chunk in checks.chunks(BATCH) {
                 two.record_first_checks("orders", &chunk.iter().collect::<Vec<_>>()).await.unwrap();
             }

@@ -194,3 +194,17 @@ pub fn init_tracing() {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     });
 }
+
+/// A first check (attempt 0, prepared now) of `order.created` for `id`, as a producer sends it;
+/// `expect` empty = any one confirm. The suites' one way to write a CHECK by hand.
+pub fn first_check(id: uuid::Uuid, expect: &[&str]) -> recheck::message::Check {
+    recheck::message::Check {
+        message_id: id,
+        routing_key: "order.created".into(),
+        business_key: "o".into(),
+        attempt: 0,
+        published_at: recheck::message::now_ms(),
+        expect: (!expect.is_empty()).then(|| expect.iter().map(|c| c.to_string()).collect()),
+        traceparent: None,
+    }
+}

@@ -142,8 +142,8 @@ async fn retry_later_and_a_down_hook_are_rechecked_then_resent(url: &str) {
     let mut env = Env::start(url, |_| {}).await;
     env.hook.set_mode(Mode::RetryLater);
     let id = env.order("o-busy", false).await;
-    wait_for("two RETRY_LATER answers", SOON, || async { (env.hook.calls_for(id).len() >= 2).then_some(()) })
-        .await;
+    let calls = || env.hook.calls_for(id).iter().map(|(_, n)| n).sum::<u32>();
+    wait_for("two RETRY_LATER answers", SOON, || async { (calls() >= 2).then_some(()) }).await;
     let row = env.row(id).await.unwrap();
     assert_eq!((row.status, row.resend_count), (Status::Pending, 0), "RETRY_LATER is not a resend");
     assert!(row.last_error.unwrap_or_default().contains("maintenance"));
@@ -347,18 +347,7 @@ async fn thousands_of_confirms_take_few_transactions(url: &str) {
     // Their CHECKs, 500 a message: one transaction each fills the rows in and confirms them all.
     let before = env.store.transactions();
     for chunk in ids.chunks(500) {
-        let checks = chunk
-            .iter()
-            .map(|id| Check {
-                message_id: *id,
-                routing_key: "order.created".into(),
-                business_key: "o".into(),
-                attempt: 0,
-                published_at: now_ms(),
-                expect: None,
-                traceparent: None,
-            })
-            .collect();
+        let checks = chunk.iter().map(|id| recheck_tests::first_check(*id, &[])).collect();
         let batch = CheckBatch::new("orders", checks);
         recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
             .await
@@ -403,16 +392,9 @@ async fn retention_purges_only_old_terminal_rows(url: &str) {
     let confirm =
         Confirm { message_id: done, outcome: Outcome::Processed, detail: None, processed_at: now_ms() };
     store.ingest_confirms(&[("points".into(), confirm)]).await.unwrap();
-    let check = Check {
-        message_id: open,
-        routing_key: "order.created".into(),
-        business_key: "o".into(),
-        attempt: 0,
-        published_at: now_ms(),
-        expect: None,
-        traceparent: None,
-    };
-    store.record_check("orders", &check).await.unwrap();
+    // Its CHECK confirms it (the confirm came first); `open` stays pending.
+    store.record_check("orders", &recheck_tests::first_check(done, &[])).await.unwrap();
+    store.record_check("orders", &recheck_tests::first_check(open, &[])).await.unwrap();
     assert_eq!(store.purge(now_ms() - 60_000).await.unwrap(), 0, "a fresh row was purged");
     assert_eq!(store.purge(now_ms() + 1).await.unwrap(), 1);
     assert!(store.get(&done.to_string()).await.unwrap().is_none());

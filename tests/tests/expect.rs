@@ -6,6 +6,7 @@
 
 mod common;
 #[path = "callback/harness.rs"]
+#[allow(dead_code)] // the callback suite uses the rest
 mod harness;
 
 use std::time::Duration;
@@ -74,15 +75,7 @@ fn committed(env: &Env) -> Uuid {
 }
 
 async fn check(env: &Env, id: Uuid, expect: &[&str]) {
-    let check = Check {
-        message_id: id,
-        routing_key: "order.created".into(),
-        business_key: format!("key-{id}"),
-        attempt: 0,
-        published_at: now_ms(),
-        expect: (!expect.is_empty()).then(|| expect.iter().map(|c| c.to_string()).collect()),
-        traceparent: None,
-    };
+    let check = Check { business_key: format!("key-{id}"), ..recheck_tests::first_check(id, expect) };
     let batch = CheckBatch::new("orders", vec![check]);
     recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
         .await
