@@ -143,12 +143,7 @@ impl App {
         // with the reason instead of serving gRPC and `/readyz` while no check is processed.
         let loops = Loops::default();
         let stop = shutdown.child_token();
-        let watched = loops.clone();
-        let readiness =
-            Readiness::new().broker(&self.publisher).store(self.store.pool()).probe("loops", move || {
-                let failed = watched.result();
-                async move { failed }
-            });
+        let readiness = Readiness::new().broker(&self.publisher).store(self.store.pool()).loops(&loops);
         let health_names = [recheck_proto::v1::admin_server::SERVICE_NAME];
         tracing::info!(grpc_addr = %self.grpc_addr, tls = ?self.tls, producers = self.registry.len(), "callback service started");
 

@@ -12,6 +12,7 @@ use recheck::{
     consume::BatchReport,
     message::BusinessHeaders,
     ops::{OpsServer, Readiness},
+    shutdown::Loops,
 };
 use sqlx::AnyPool;
 use tokio_util::sync::CancellationToken;
@@ -100,21 +101,27 @@ impl App {
         }
 
         tracing::info!(consumer = %c.store.consumer, queue = %c.queue, "downstream demo started");
-        let readiness = Readiness::new().broker(&self.publisher).store(&self.pool);
+        // A consumer loop that dies fails readiness and stops the service with the reason,
+        // instead of leaving `/readyz` green over a queue nobody reads.
+        let loops = Loops::default();
+        let stop = shutdown.child_token();
+        let readiness = Readiness::new().broker(&self.publisher).store(&self.pool).loops(&loops);
         let consuming = async {
-            if faults.drops_messages() {
-                losing_messages(consumer, &self.publisher, subscription, &faults, &shutdown).await
+            let report = if faults.drops_messages() {
+                losing_messages(consumer, &self.publisher, subscription, &faults, &stop).await
             } else {
-                consumer.run(shutdown.clone()).await
-            }
+                consumer.run(stop.clone()).await
+            }?;
+            tracing::info!(?report, "consumer stopped");
+            Ok::<(), recheck::Error>(())
         };
-        let (report, ops) = tokio::join!(consuming, self.ops.serve(readiness, shutdown.clone()));
-        ops.context("serving the ops endpoints")?;
-        let report = report.context("consuming")?;
-        tracing::info!(?report, "consumer stopped");
+        tokio::join!(
+            loops.watch("consuming", &stop, consuming),
+            loops.watch("ops endpoints", &stop, self.ops.serve(readiness, stop.clone())),
+        );
         self.publisher.close().await;
         self.pool.close().await;
-        Ok(())
+        loops.result().map_err(anyhow::Error::msg)
     }
 }
 

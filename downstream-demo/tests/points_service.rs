@@ -267,3 +267,27 @@ async fn lost_then_resent(postgres: bool) {
     assert_eq!(stats.duplicates_absorbed, 0);
     h.stop().await;
 }
+
+/// Its queue gone under it (deleted by an operator, a policy, a broker reset): the consumer loop
+/// cannot subscribe, and the service ends with the reason instead of staying up, ready, reading
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_consumer_loop_stops_the_service_with_its_reason() {
+    recheck_tests::init_tracing();
+    let vhost = recheck_tests::kit().await.rabbit.fresh_vhost().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/points.db?mode=rwc", dir.path().display());
+    let args =
+        ["downstream-demo", "--amqp-url", &vhost.url, "--database-url", &db, "--ops-addr", "127.0.0.1:0"];
+    let mut config = Config::try_parse_from(args).unwrap();
+    config.faults = Default::default();
+    let queue = config.queue.clone();
+    let app = build(config).await.unwrap();
+    let publisher = Publisher::connect(PublisherConfig::new(vhost.url.as_str(), "test")).await.unwrap();
+    let channel = publisher.create_channel().await.unwrap();
+    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+
+    let ended = tokio::time::timeout(Duration::from_secs(30), app.run(CancellationToken::new())).await;
+    let err = ended.expect("the service kept running without its consumer loop").unwrap_err();
+    assert!(err.to_string().contains("consuming failed"), "{err:#}");
+}

@@ -183,6 +183,15 @@ impl Readiness {
     }
 
     /// `store`: the database answers `SELECT 1`.
+    /// `loops`: fails once one of the service's loops ended unasked ([`crate::shutdown::Loops`]).
+    pub fn loops(self, loops: &crate::shutdown::Loops) -> Self {
+        let loops = loops.clone();
+        self.probe("loops", move || {
+            let failed = loops.result();
+            async move { failed }
+        })
+    }
+
     pub fn store(self, pool: &AnyPool) -> Self {
         let pool = pool.clone();
         self.probe("store", move || {
