@@ -1,6 +1,8 @@
 //! The callback service alone (its release binary, as a process), against pre-filled queues:
-//! - **rates**: confirm ingest (CONFIRMs of unknown ids: each creates its row), then checks of
-//!   those now-confirmed messages (what almost every check finds in steady state);
+//! - **rates**: confirm ingest (CONFIRMs of unknown ids: each creates its row, which waits for
+//!   its CHECK), then the checks of those messages (the usual order: each CHECK message finds its
+//!   confirms and confirms its rows in one transaction), then the same checks again (confirmed
+//!   rows: a read, no write);
 //! - **backlog**: memory with N pending messages in the store and N due checks in the queue,
 //!   whose producer hook is down (each check: claim, a failing RPC, the next check published
 //!   into the 1 h tier) — what a producer outage looks like. Memory must not follow N.
@@ -163,16 +165,16 @@ pub async fn rates(env: &Env<'_>, store: CallbackStore) -> Result<CallbackRates>
     let pool = &pool;
     let confirms_per_s = n as f64 * 1000.0 / (last_ms - started_ms).max(1) as f64;
 
-    // Checks of those (confirmed) messages: each one read and the ack (a confirmed row is not
-    // written again). Nothing in the store changes, so the end is an empty queue, unacked
-    // deliveries included (`rabbitmqctl`, coarse).
+    // The checks of those messages: one read and one transaction per CHECK message (the CHECK
+    // weighs the stored confirms and confirms the rows), then the ack. The end is an empty queue,
+    // unacked deliveries included (`rabbitmqctl`, coarse).
     let stage = &stage;
     let first = check_pass(env, stage, &ids, "checks.log", |deadline| async move {
         queue_empty(env, stage, deadline).await
     })
     .await
     .context("checks")?;
-    // Again, with every row and page warm.
+    // Again, with every row confirmed and warm: a read and the ack.
     let again = check_pass(env, stage, &ids, "checks-again.log", |deadline| async move {
         queue_empty(env, stage, deadline).await
     })
