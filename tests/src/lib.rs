@@ -16,11 +16,12 @@
 //! - [`proxy`] — `FaultProxy`, a TCP proxy that cuts, stalls or refuses connections on command.
 //! - `watchdog` — runs each private server under a `sh` watchdog that stops it and deletes its
 //!   files once the owning process is gone (statics are never dropped).
-//! - [`deploy`] — the three service binaries as processes (kill -9, restart, CPU / RSS), the load,
-//!   and the verdict from the stores; used by the demo, the fault matrix and the benchmark.
+//! - [`deploy`] — the service binaries as processes, one downstream-demo per consumer (kill -9,
+//!   restart, CPU / RSS), the load, and the verdict from the stores (exactly once per consumer);
+//!   used by the demo, the fault matrix and the benchmark.
 //! - [`faults`] — the fault matrix: one fault injected mid-load into a deployment, the outcome from
 //!   the stores; shared by the `faults` suite and `bin/chaos.rs` (`scripts/chaos`).
-//! - [`demo`] — the demo flow (three service processes, a load with faults, the report), shared by
+//! - [`demo`] — the demo flow (the services, two consumers, a load with faults, the report), shared by
 //!   `bin/demo.rs` (`scripts/demo`) and the `demo_flow` suite.
 //! - [`definitions`] — `compose/rabbitmq-definitions.json` (least-privilege broker users) and the
 //!   user each compose service connects as; read by the `compose` and `permissions` suites.
