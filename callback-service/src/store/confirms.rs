@@ -171,7 +171,7 @@ async fn ingest_chunk(
 }
 
 /// A confirm moves any row but a confirmed or rejected one.
-pub(super) fn unsettled(status: Status) -> bool {
+fn unsettled(status: Status) -> bool {
     !matches!(status, Status::Confirmed | Status::Rejected)
 }
 
