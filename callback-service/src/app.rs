@@ -111,20 +111,18 @@ impl App {
             keys: c.confirm_keys.clone().unwrap_or_default(),
         };
         let checks = SubscriptionConfig {
-            queue: topology.checks_queue(),
-            tag: "callback-checks".into(),
             prefetch: c.check_prefetch,
             batch_size: usize::from(c.check_prefetch),
             batch_linger: Duration::ZERO,
+            ..SubscriptionConfig::new(topology.checks_queue(), "callback-checks")
         };
         // A CONFIRM carries many ids: the batch is bounded by messages here and
         // by `confirm_batch` ids through the prefetch window.
         let confirms = SubscriptionConfig {
-            queue: topology.confirms_queue(),
-            tag: "callback-confirms".into(),
             prefetch: c.confirm_prefetch,
             batch_size: c.confirm_batch,
             batch_linger: c.confirm_linger,
+            ..SubscriptionConfig::new(topology.confirms_queue(), "callback-confirms")
         };
         let admin = AdminService {
             store: self.store.clone(),
@@ -143,7 +141,12 @@ impl App {
         // with the reason instead of serving gRPC and `/readyz` while no check is processed.
         let loops = Loops::default();
         let stop = shutdown.child_token();
-        let readiness = Readiness::new().broker(&self.publisher).store(self.store.pool()).loops(&loops);
+        let readiness = Readiness::new()
+            .broker(&self.publisher)
+            .store(self.store.pool())
+            .loops(&loops)
+            .consuming("checks queue", &checks.consuming)
+            .consuming("confirms queue", &confirms.consuming);
         let health_names = [recheck_proto::v1::admin_server::SERVICE_NAME];
         tracing::info!(grpc_addr = %self.grpc_addr, tls = ?self.tls, producers = self.registry.len(), "callback service started");
 

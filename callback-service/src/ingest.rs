@@ -7,12 +7,10 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use lapin::{
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
-};
+use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
+    subscription,
     message::{Confirm, ConfirmBatch, Limits, Outcome},
     parking::{ParkReason, park},
     signing::{ConfirmKeys, SignatureError},
@@ -48,7 +46,7 @@ impl ConfirmIngest {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut confirms = Subscription::new(self.publisher.clone(), subscription).await?;
-        while let Some(batch) = confirms.next_batch(&shutdown).await {
+        while let Some(batch) = confirms.next_batch(&shutdown).await? {
             if let Err(e) = self.ingest(batch).await {
                 tracing::warn!(error = %e, "confirm batch failed; redelivering");
             }
@@ -82,10 +80,10 @@ impl ConfirmIngest {
                     if let Err(e) = park(&self.publisher, &self.topology, &queue, &d, &e).await {
                         // Not parked, so not acked: it comes back and is parked then.
                         tracing::warn!(error = %e, "parking failed; redelivering");
-                        let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        let _ = subscription::nack(&d).await;
                         continue;
                     }
-                    d.acker.ack(BasicAckOptions::default()).await?;
+                    subscription::ack(&d, false).await?;
                     self.counters.parked.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -98,12 +96,12 @@ impl ConfirmIngest {
                 self.counters.confirms.fetch_add(confirms.len() as u64, Ordering::Relaxed);
                 record(&confirms, &report);
                 let last = good.iter().max_by_key(|d| d.delivery_tag).expect("not empty");
-                last.acker.ack(BasicAckOptions { multiple: true }).await?;
+                subscription::ack(last, true).await?;
                 Ok(report)
             }
             Err(e) => {
                 for d in &good {
-                    let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                    let _ = subscription::nack(&d).await;
                 }
                 Err(e.into())
             }

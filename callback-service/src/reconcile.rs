@@ -17,12 +17,10 @@ use std::{
     time::Duration,
 };
 
-use lapin::{
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
-};
+use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
+    subscription,
     message::{Check, CheckBatch, Limits, now_ms},
     parking::park,
     producer::publish_checks,
@@ -151,14 +149,14 @@ impl Reconciler {
     ) -> anyhow::Result<()> {
         let mut checks = Subscription::new(self.publisher.clone(), subscription).await?;
         let in_flight = TaskTracker::new();
-        while let Some(batch) = checks.next_batch(&shutdown).await {
+        while let Some(batch) = checks.next_batch(&shutdown).await? {
             for delivery in batch {
                 let this = self.clone();
                 in_flight.spawn(async move {
                     if let Err(e) = this.handle_delivery(&delivery).await {
                         tracing::warn!(error = %e, "check delivery failed; redelivering");
                         let _ =
-                            delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                            subscription::nack(&delivery).await;
                     }
                 });
             }
@@ -177,7 +175,7 @@ impl Reconciler {
             Ok(batch) => batch,
             Err(e) => {
                 park(&self.publisher, &self.topology, &self.topology.checks_queue(), delivery, &e).await?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                subscription::ack(&delivery, false).await?;
                 self.counters.parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
@@ -226,7 +224,7 @@ impl Reconciler {
                 Plan::Done | Plan::Confirmed | Plan::Watch { .. } | Plan::Defer { .. } => {}
             }
         }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        subscription::ack(&delivery, false).await?;
         for plan in &plans {
             metrics::counter!(telemetry::CHECKS, "result" => plan.result()).increment(1);
         }

@@ -5,7 +5,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use lapin::options::BasicAckOptions;
 use recheck::{
     Confirmer, ConsumerConfig, ConsumerLoop, Effect, GroupCommitConfig, Publisher, Subscription,
     SubscriptionConfig, Topology,
@@ -80,13 +79,7 @@ impl App {
             GroupCommitConfig::default(),
             c.confirm_key.clone(),
         );
-        let subscription = SubscriptionConfig {
-            queue: consumer.queue.clone(),
-            tag: consumer.consumer.clone(),
-            prefetch: consumer.prefetch,
-            batch_size: consumer.batch_size,
-            batch_linger: consumer.batch_linger,
-        };
+        let subscription = consumer.subscription();
         let mut consumer = ConsumerLoop::new(
             self.pool.clone(),
             self.publisher.clone(),
@@ -105,7 +98,11 @@ impl App {
         // instead of leaving `/readyz` green over a queue nobody reads.
         let loops = Loops::default();
         let stop = shutdown.child_token();
-        let readiness = Readiness::new().broker(&self.publisher).store(&self.pool).loops(&loops);
+        let readiness = Readiness::new()
+            .broker(&self.publisher)
+            .store(&self.pool)
+            .loops(&loops)
+            .consuming("consuming", &subscription.consuming);
         let consuming = async {
             let report = if faults.drops_messages() {
                 losing_messages(consumer, &self.publisher, subscription, &faults, &stop).await
@@ -136,7 +133,7 @@ async fn losing_messages<E: Effect>(
 ) -> recheck::Result<BatchReport> {
     let mut subscription = Subscription::new(publisher.clone(), config).await?;
     let mut total = BatchReport::default();
-    while let Some(batch) = subscription.next_batch(shutdown).await {
+    while let Some(batch) = subscription.next_batch(shutdown).await? {
         let mut kept = Vec::with_capacity(batch.len());
         for d in batch {
             // Unreadable headers are the SDK's to park, never a fault to inject.
@@ -144,7 +141,7 @@ async fn losing_messages<E: Effect>(
                 .is_ok_and(|h| faults.drop_message(h.message_id, h.attempt));
             if !lost {
                 kept.push(d);
-            } else if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+            } else if let Err(e) = recheck::subscription::ack(&d, false).await {
                 tracing::warn!(error = %e, "acking a dropped message failed; it comes back");
             } else {
                 tracing::debug!("business message dropped (--drop-message-rate)");

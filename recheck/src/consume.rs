@@ -6,10 +6,7 @@
 
 use std::{collections::HashMap, future::Future, time::Duration};
 
-use lapin::{
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
-};
+use lapin::message::Delivery;
 use sqlx::{Acquire, Any, AnyConnection, AnyPool, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, level_filters::LevelFilter};
@@ -21,6 +18,7 @@ use crate::{
     inbox::Prior,
     message::{BusinessHeaders, Confirm, DecodeError, Outcome, now_ms},
     parking::park,
+    subscription::{self, Consuming},
     telemetry, trace,
 };
 
@@ -80,6 +78,8 @@ pub struct ConsumerConfig {
     pub batch_linger: Duration,
     /// Largest business body accepted; a larger one is parked. `None`: the broker's limit only.
     pub max_body_bytes: Option<usize>,
+    /// Cleared while the queue is not being consumed (for readiness).
+    pub consuming: Consuming,
 }
 
 impl ConsumerConfig {
@@ -91,6 +91,18 @@ impl ConsumerConfig {
             batch_size: 128,
             batch_linger: Duration::from_millis(5),
             max_body_bytes: None,
+            consuming: Consuming::default(),
+        }
+    }
+
+    /// How the queue is read: this consumer's prefetch and batch shape.
+    pub fn subscription(&self) -> SubscriptionConfig {
+        SubscriptionConfig {
+            prefetch: self.prefetch,
+            batch_size: self.batch_size,
+            batch_linger: self.batch_linger,
+            consuming: self.consuming.clone(),
+            ..SubscriptionConfig::new(&self.queue, &self.consumer)
         }
     }
 }
@@ -170,16 +182,9 @@ impl<E: Effect> ConsumerLoop<E> {
     /// Consumes until `shutdown`; the batch in hand is finished first.
     pub async fn run(self, shutdown: CancellationToken) -> Result<BatchReport> {
         let c = &self.config;
-        let config = SubscriptionConfig {
-            queue: c.queue.clone(),
-            tag: c.consumer.clone(),
-            prefetch: c.prefetch,
-            batch_size: c.batch_size,
-            batch_linger: c.batch_linger,
-        };
-        let mut subscription = Subscription::new(self.publisher.clone(), config).await?;
+        let mut subscription = Subscription::new(self.publisher.clone(), c.subscription()).await?;
         let mut total = BatchReport::default();
-        while let Some(batch) = subscription.next_batch(&shutdown).await {
+        while let Some(batch) = subscription.next_batch(&shutdown).await? {
             match self.handle_batch(batch).await {
                 Ok(report) => total += report,
                 Err(e) => tracing::warn!(consumer = %c.consumer, error = %e, "batch failed; redelivering"),
@@ -205,10 +210,10 @@ impl<E: Effect> ConsumerLoop<E> {
                     if let Err(e) = park(&self.publisher, &self.topology, queue, &d, &e).await {
                         // Not parked, so not acked: it comes back and is parked then.
                         tracing::warn!(error = %e, "parking failed; redelivering");
-                        let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        let _ = subscription::nack(&d).await;
                         continue;
                     }
-                    d.acker.ack(BasicAckOptions::default()).await?;
+                    subscription::ack(&d, false).await?;
                     report.parked += 1;
                 }
             }
@@ -226,12 +231,12 @@ impl<E: Effect> ConsumerLoop<E> {
         };
         if let Err(e) = settled {
             for (d, _) in &pending {
-                let _ = d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                let _ = subscription::nack(&d).await;
             }
             return Err(e);
         }
         if let Some((last, _)) = pending.iter().max_by_key(|(d, _)| d.delivery_tag) {
-            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            subscription::ack(last, true).await?;
         }
         Ok(report)
     }
@@ -272,7 +277,7 @@ impl<E: Effect> ConsumerLoop<E> {
         // Only now: a redelivery must not find the batch's transaction still open.
         for i in failed.into_iter().rev() {
             let (d, _) = pending.remove(i);
-            d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
+            subscription::nack(&d).await?;
             report.retried += 1;
         }
         Ok(confirms)

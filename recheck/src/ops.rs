@@ -182,7 +182,6 @@ impl Readiness {
         })
     }
 
-    /// `store`: the database answers `SELECT 1`.
     /// `loops`: fails once one of the service's loops ended unasked ([`crate::shutdown::Loops`]).
     pub fn loops(self, loops: &crate::shutdown::Loops) -> Self {
         let loops = loops.clone();
@@ -192,6 +191,18 @@ impl Readiness {
         })
     }
 
+    /// `name`: the queue reader is consuming (subscribed on a live channel). A reader that lost
+    /// its channel fails readiness until it consumes again; one that cannot, within its
+    /// `give_up_after`, ends its loop and so the process ([`crate::Subscription::next_batch`]).
+    pub fn consuming(self, name: &'static str, consuming: &crate::subscription::Consuming) -> Self {
+        let consuming = consuming.clone();
+        self.probe(name, move || {
+            let up = consuming.get();
+            async move { if up { Ok(()) } else { Err("not consuming".into()) } }
+        })
+    }
+
+    /// `store`: the database answers `SELECT 1`.
     pub fn store(self, pool: &AnyPool) -> Self {
         let pool = pool.clone();
         self.probe("store", move || {

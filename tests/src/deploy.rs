@@ -177,12 +177,14 @@ impl Deployment {
         };
         let hook = opts.hook_addr.clone().unwrap_or_else(|| format!("http://127.0.0.1:{orders_port}"));
 
+        // Quiet by default; `RECHECK_SERVICE_LOG` (a `RECHECK_LOG` filter) to diagnose a run.
+        let log = std::env::var("RECHECK_SERVICE_LOG").unwrap_or_else(|_| "warn".into());
         let common = |db: &str| {
             vec![
                 ("RECHECK_AMQP_URL".to_owned(), opts.amqp_url.clone()),
                 ("RECHECK_DELAY_TIERS".to_owned(), opts.tiers.clone()),
                 ("DATABASE_URL".to_owned(), db.to_owned()),
-                ("RECHECK_LOG".to_owned(), "warn".to_owned()),
+                ("RECHECK_LOG".to_owned(), log.clone()),
             ]
         };
         let mut services = HashMap::new();

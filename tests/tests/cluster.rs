@@ -56,17 +56,16 @@ async fn a_killed_node_loses_no_message() {
     let seen: Arc<Mutex<HashMap<Uuid, usize>>> = Arc::default();
     let shutdown = CancellationToken::new();
     let subscription_config = SubscriptionConfig {
-        queue: QUEUE.into(),
-        tag: "cluster-test".into(),
         prefetch: 200,
         batch_size: 100,
         batch_linger: Duration::from_millis(5),
+        ..SubscriptionConfig::new(QUEUE, "cluster-test")
     };
     let mut subscription = Subscription::new(publisher.clone(), subscription_config).await.unwrap();
     let consumer = tokio::spawn({
         let (seen, shutdown) = (seen.clone(), shutdown.clone());
         async move {
-            while let Some(batch) = subscription.next_batch(&shutdown).await {
+            while let Some(batch) = subscription.next_batch(&shutdown).await.unwrap() {
                 {
                     let mut seen = seen.lock().unwrap();
                     for delivery in &batch {

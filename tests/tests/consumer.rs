@@ -227,14 +227,13 @@ async fn run_batch_cases(store: &Store) {
         })
         .await;
         let config = SubscriptionConfig {
-            queue: queue.to_owned(),
-            tag: "batch-test".to_owned(),
             prefetch: 64,
             batch_size: queued as usize,
             batch_linger: Duration::from_secs(5),
+            ..SubscriptionConfig::new(queue, "batch-test")
         };
         let mut subscription = Subscription::new(publisher.clone(), config).await.unwrap();
-        let deliveries = subscription.next_batch(&CancellationToken::new()).await.unwrap();
+        let deliveries = subscription.next_batch(&CancellationToken::new()).await.unwrap().unwrap();
         assert_eq!(deliveries.len(), queued as usize, "{label}: one batch");
         let report = consumer.handle_batch(deliveries).await.unwrap();
         subscription.close().await;

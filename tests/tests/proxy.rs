@@ -168,18 +168,17 @@ async fn a_replaced_connection_that_comes_back_is_closed() {
         .await
         .unwrap();
     let subscription_config = SubscriptionConfig {
-        queue: "revived".into(),
-        tag: "revived-test".into(),
         prefetch: 10,
         batch_size: 10,
         batch_linger: Duration::from_millis(5),
+        ..SubscriptionConfig::new("revived", "revived-test")
     };
     let mut subscription = Subscription::new(publisher.clone(), subscription_config).await.unwrap();
     let shutdown = CancellationToken::new();
     // The subscription notices the loss and drives the publisher's reconnect.
     let consumer = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { while subscription.next_batch(&shutdown).await.is_some() {} }
+        async move { while subscription.next_batch(&shutdown).await.unwrap().is_some() {} }
     });
     await_connections(&proxy, 1).await;
 

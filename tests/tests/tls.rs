@@ -251,15 +251,14 @@ async fn amqps_suite(rabbit: &Rabbit, pki: &Pki, wrong: &Pki) -> anyhow::Result<
     let message = Outgoing { exchange: &topology.parking_exchange(), routing_key: "", body, properties };
     publisher.publish(message).await?;
     let config = SubscriptionConfig {
-        queue: topology.parking_queue(),
-        tag: "tls-test".into(),
         prefetch: 10,
         batch_size: 10,
         batch_linger: Duration::ZERO,
+        ..SubscriptionConfig::new(topology.parking_queue(), "tls-test")
     };
     let mut subscription = Subscription::new(publisher.clone(), config).await?;
     let stop = CancellationToken::new();
-    let batch = tokio::time::timeout(Duration::from_secs(10), subscription.next_batch(&stop)).await?;
+    let batch = tokio::time::timeout(Duration::from_secs(10), subscription.next_batch(&stop)).await??;
     let batch = batch.expect("not cancelled");
     anyhow::ensure!(batch.len() == 1 && batch[0].data == body, "consumed {batch:?}");
     subscription.close().await;

@@ -179,16 +179,10 @@ async fn create(producer: &Publisher, topology: &Topology, i: u64, delay: Durati
 
 /// The consumer: one CONFIRM per message (each broker-confirmed), then `ack(multiple)`.
 async fn consume(link: Publisher, topology: Topology, stop: CancellationToken) -> Result<()> {
-    let config = SubscriptionConfig {
-        queue: CONSUMER_QUEUE.into(),
-        tag: "bench-naive".into(),
-        prefetch: 256,
-        batch_size: 128,
-        batch_linger: Duration::from_millis(5),
-    };
+    let config = SubscriptionConfig::new(CONSUMER_QUEUE, "bench-naive");
     let mut subscription = Subscription::new(link.clone(), config).await?;
     let exchange = topology.confirms_exchange();
-    while let Some(batch) = subscription.next_batch(&stop).await {
+    while let Some(batch) = subscription.next_batch(&stop).await? {
         try_join_all(batch.iter().map(|d| confirm_one(&link, &exchange, d))).await?;
         if let Some(last) = batch.last() {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
@@ -231,16 +225,10 @@ async fn check(
     kind: Kind,
     stop: CancellationToken,
 ) -> Result<()> {
-    let config = SubscriptionConfig {
-        queue,
-        tag: "bench-naive-checker".into(),
-        prefetch: 256,
-        batch_size: 128,
-        batch_linger: Duration::from_millis(5),
-    };
+    let config = SubscriptionConfig::new(queue, "bench-naive-checker");
     let mut subscription = Subscription::new(link, config).await?;
     let limits = Limits::default();
-    while let Some(batch) = subscription.next_batch(&stop).await {
+    while let Some(batch) = subscription.next_batch(&stop).await? {
         {
             let mut t = tally.lock().expect("tally lock");
             let confirms_before = t.confirms;

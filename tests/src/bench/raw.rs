@@ -93,18 +93,12 @@ async fn consume(
     progress: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> Result<(u64, i64)> {
-    let config = SubscriptionConfig {
-        queue: QUEUE.into(),
-        tag: "bench-raw".into(),
-        prefetch: 256,
-        batch_size: 128,
-        batch_linger: Duration::from_millis(5),
-    };
+    let config = SubscriptionConfig::new(QUEUE, "bench-raw");
     let mut subscription = Subscription::new(link, config).await?;
     let mut seen = vec![false; n as usize];
     let (mut unique, mut last_ack_ms) = (0u64, now_ms());
     while unique < n {
-        let Some(batch) = subscription.next_batch(&stop).await else { break };
+        let Some(batch) = subscription.next_batch(&stop).await? else { break };
         for d in &batch {
             let index = d.data.as_slice().try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
             if let Some(slot) = seen.get_mut(index as usize).filter(|s| !**s) {
