@@ -10,11 +10,10 @@ use std::sync::{
 use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
-    subscription,
     message::{Confirm, ConfirmBatch, Limits, Outcome},
     parking::{ParkReason, park},
     signing::{ConfirmKeys, SignatureError},
-    telemetry,
+    subscription, telemetry,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -101,7 +100,7 @@ impl ConfirmIngest {
             }
             Err(e) => {
                 for d in &good {
-                    let _ = subscription::nack(&d).await;
+                    let _ = subscription::nack(d).await;
                 }
                 Err(e.into())
             }

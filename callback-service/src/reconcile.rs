@@ -20,11 +20,10 @@ use std::{
 use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
-    subscription,
     message::{Check, CheckBatch, Limits, now_ms},
     parking::park,
     producer::publish_checks,
-    telemetry,
+    subscription, telemetry,
 };
 use recheck_proto::v1::{ResendOutcome, ResendRequest, ResendResponse};
 use tokio::sync::Semaphore;
@@ -155,8 +154,7 @@ impl Reconciler {
                 in_flight.spawn(async move {
                     if let Err(e) = this.handle_delivery(&delivery).await {
                         tracing::warn!(error = %e, "check delivery failed; redelivering");
-                        let _ =
-                            subscription::nack(&delivery).await;
+                        let _ = subscription::nack(&delivery).await;
                     }
                 });
             }
@@ -175,7 +173,7 @@ impl Reconciler {
             Ok(batch) => batch,
             Err(e) => {
                 park(&self.publisher, &self.topology, &self.topology.checks_queue(), delivery, &e).await?;
-                subscription::ack(&delivery, false).await?;
+                subscription::ack(delivery, false).await?;
                 self.counters.parked.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
@@ -224,7 +222,7 @@ impl Reconciler {
                 Plan::Done | Plan::Confirmed | Plan::Watch { .. } | Plan::Defer { .. } => {}
             }
         }
-        subscription::ack(&delivery, false).await?;
+        subscription::ack(delivery, false).await?;
         for plan in &plans {
             metrics::counter!(telemetry::CHECKS, "result" => plan.result()).increment(1);
         }

@@ -231,7 +231,7 @@ impl<E: Effect> ConsumerLoop<E> {
         };
         if let Err(e) = settled {
             for (d, _) in &pending {
-                let _ = subscription::nack(&d).await;
+                let _ = subscription::nack(d).await;
             }
             return Err(e);
         }
