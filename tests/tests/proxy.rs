@@ -173,7 +173,9 @@ async fn a_replaced_connection_that_comes_back_is_closed() {
         batch_linger: Duration::from_millis(5),
         ..SubscriptionConfig::new("revived", "revived-test")
     };
+    let consuming = subscription_config.consuming.clone();
     let mut subscription = Subscription::new(publisher.clone(), subscription_config).await.unwrap();
+    assert!(consuming.get(), "subscribed: readiness sees it consuming");
     let shutdown = CancellationToken::new();
     // The subscription notices the loss and drives the publisher's reconnect.
     let consumer = tokio::spawn({
@@ -186,6 +188,7 @@ async fn a_replaced_connection_that_comes_back_is_closed() {
     proxy.cut();
     // Down for longer than the recovery timeout: the publisher gives up on lapin's recovery.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!consuming.get(), "a reader without its channel fails readiness");
     let before = proxy.forwarded();
     proxy.refuse(false);
     within(Duration::from_secs(10), "the publisher to replace its connection", || publisher.generation() > 0)
@@ -218,6 +221,7 @@ async fn a_replaced_connection_that_comes_back_is_closed() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    within(Duration::from_secs(10), "the reader to consume again", || consuming.get()).await;
     shutdown.cancel();
     consumer.await.unwrap();
 }
