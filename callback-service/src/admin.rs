@@ -11,8 +11,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::{
-    reconcile::{CheckCounters, publish_redrive},
+    failure::HandleError,
+    reconcile::CheckCounters,
     store::{MessageRow, Status, Store, StoreError},
+    sweeper::publish_rows,
 };
 
 pub struct AdminService {
@@ -40,13 +42,15 @@ pub enum RedriveError {
     NotRedrivable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("publishing the redrive's CHECK: {0}")]
-    Publish(#[from] recheck::Error),
+    /// The row is redriven and due; the sweeper publishes its CHECK if nobody else does.
+    #[error("publishing the redrive's CHECK: {0} (the sweeper publishes it later)")]
+    Publish(#[from] HandleError),
 }
 
 /// Redrive, for the `Redrive` RPC and the dashboard alike: `failed` / `rejected` → `pending` at a
-/// new attempt with a fresh resend budget, then that attempt's CHECK (shortest tier), whose
-/// resend does the rest.
+/// new attempt with a fresh resend budget, due now, then that attempt's CHECK (shortest tier),
+/// whose resend does the rest. Committed before the publish: if the publish fails, the row is
+/// overdue and the sweeper publishes its CHECK, so a failed publish strands nothing.
 #[tracing::instrument(skip(store, publisher, topology))]
 pub async fn redrive(
     store: &Store,
@@ -56,7 +60,7 @@ pub async fn redrive(
 ) -> Result<MessageRow, RedriveError> {
     let row =
         store.redrive(message_id).await?.ok_or_else(|| RedriveError::NotRedrivable(message_id.into()))?;
-    publish_redrive(publisher, topology, &row).await?;
+    publish_rows(publisher, topology, std::slice::from_ref(&row)).await?;
     tracing::info!(attempt = row.attempt, "redriven");
     Ok(row)
 }

@@ -27,6 +27,7 @@ use crate::{
     reconcile::{Policy, Reconciler},
     registry::ProducerRegistry,
     store::Store,
+    sweeper::Sweeper,
 };
 
 /// How often `recheck_messages{status}` is refreshed from the store.
@@ -124,6 +125,15 @@ impl App {
             batch_linger: c.confirm_linger,
             ..SubscriptionConfig::new(topology.confirms_queue(), "callback-confirms")
         };
+        let sweeper = Sweeper {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            topology: topology.clone(),
+            after: c.sweep_after,
+            interval: c.sweep_interval,
+            max_backlog: u32::from(c.check_prefetch),
+            backlog: Backlog::new(self.publisher.clone(), Default::default(), 0),
+        };
         let admin = AdminService {
             store: self.store.clone(),
             publisher: self.publisher.clone(),
@@ -161,6 +171,7 @@ impl App {
             loops.watch("gRPC", &stop, grpc),
             loops.watch("check processing", &stop, reconciler.run(checks, stop.clone())),
             loops.watch("confirm ingest", &stop, ingest.run(confirms, stop.clone())),
+            loops.watch("sweeper", &stop, infallible(sweeper.run(&stop))),
             loops.watch(
                 "retention",
                 &stop,

@@ -53,7 +53,7 @@ impl Backlog {
     /// Single-flight: a burst of due checks waits for one probe per queue and round (the cache
     /// is read again under the lock), and a probe is bounded by [`PROBE_TIMEOUT`], so a stalled
     /// connection delays deferral decisions by that much, never blocks them.
-    async fn depth(&self, queue: &str) -> u32 {
+    pub async fn depth(&self, queue: &str) -> u32 {
         if let Some(depth) = self.cached(queue) {
             return depth;
         }

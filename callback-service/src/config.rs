@@ -116,6 +116,16 @@ pub struct Config {
     #[arg(long, env = "RECHECK_PURGE_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub purge_interval: Duration,
 
+    /// How long past its due time a pending or resent message may go without its check being
+    /// handled before the sweeper republishes that CHECK (it was lost, or parked). Larger than
+    /// any backlog the checks queue should hold; the sweeper also waits while that queue is behind.
+    #[arg(long, env = "RECHECK_SWEEP_AFTER", default_value = "10m", value_parser = parse_duration)]
+    pub sweep_after: Duration,
+
+    /// Interval between sweeps for overdue checks.
+    #[arg(long, env = "RECHECK_SWEEP_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
     /// Largest CHECK or CONFIRM body accepted, in bytes; larger ones are parked.
     #[arg(long, env = "RECHECK_MAX_BODY_BYTES", default_value_t = 1_048_576, value_parser = at_least_one)]
     pub max_body_bytes: usize,

@@ -1,6 +1,6 @@
 //! Confirm ingest: CONFIRM messages in batches, one store transaction per
 //! batch, `ack(multiple)` only after the commit. Malformed bodies go to parking
-//! with the reason, acked and counted.
+//! with the reason, acked and counted; a store outage is waited out in place.
 
 use std::sync::{
     Arc,
@@ -11,13 +11,17 @@ use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
     message::{Confirm, ConfirmBatch, Limits, Outcome},
-    parking::{ParkReason, park},
+    parking::{ParkReason, park_and_ack},
+    retry::{self, Settled},
     signing::{ConfirmKeys, SignatureError},
     subscription, telemetry,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{IngestReport, Store};
+use crate::{
+    failure::HandleError,
+    store::{IngestReport, Store},
+};
 
 /// Counters since start, for stats and tests.
 #[derive(Debug, Default)]
@@ -46,65 +50,96 @@ impl ConfirmIngest {
     ) -> anyhow::Result<()> {
         let mut confirms = Subscription::new(self.publisher.clone(), subscription).await?;
         while let Some(batch) = confirms.next_batch(&shutdown).await? {
-            if let Err(e) = self.ingest(batch).await {
-                tracing::warn!(error = %e, "confirm batch failed; redelivering");
-            }
+            self.ingest(batch, &shutdown).await;
         }
         confirms.close().await;
         Ok(())
     }
 
-    /// One batch of CONFIRM deliveries: park the malformed, store the rest in one
-    /// transaction, then ack. On a store error the stored part is nacked.
+    /// One batch of CONFIRM deliveries: park the malformed, store the rest in one transaction,
+    /// then ack. A store failure is classified once ([`HandleError`]): a transient one (an
+    /// outage) is waited out with the batch in hand, so no redelivery counts toward the delivery
+    /// limit; a poison one is isolated by storing each delivery alone, and only the one that
+    /// fails is parked. At shutdown the batch still waiting is handed back.
     #[tracing::instrument(skip_all, fields(n = deliveries.len()))]
-    pub async fn ingest(&self, deliveries: Vec<Delivery>) -> anyhow::Result<IngestReport> {
-        let mut good: Vec<Delivery> = Vec::with_capacity(deliveries.len());
-        let mut confirms: Vec<(String, Confirm)> = Vec::new();
+    pub async fn ingest(&self, deliveries: Vec<Delivery>, shutdown: &CancellationToken) -> IngestReport {
+        let queue = self.topology.confirms_queue();
+        let mut good: Vec<(Delivery, Vec<(String, Confirm)>)> = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             self.counters.messages.fetch_add(1, Ordering::Relaxed);
-            let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
-            let checked = ConfirmBatch::decode(&d.data, content_type, self.limits)
-                .map_err(Refused::Decode)
-                .and_then(|batch| match self.keys.verify(&batch.consumer, &d.data, &d.properties) {
-                    Ok(()) => Ok(batch),
-                    Err(e) => Err(Refused::Signature(e)),
-                });
-            match checked {
+            match self.decode(&d) {
                 Ok(batch) => {
-                    confirms.extend(batch.confirms.into_iter().map(|c| (batch.consumer.clone(), c)));
-                    good.push(d);
+                    let confirms = batch.confirms.into_iter().map(|c| (batch.consumer.clone(), c)).collect();
+                    good.push((d, confirms));
                 }
                 Err(e) => {
-                    let queue = self.topology.confirms_queue();
-                    if let Err(e) = park(&self.publisher, &self.topology, &queue, &d, &e).await {
-                        // Not parked, so not acked: it comes back and is parked then.
-                        tracing::warn!(error = %e, "parking failed; redelivering");
-                        let _ = subscription::nack(&d).await;
-                        continue;
+                    if park_and_ack(&self.publisher, &self.topology, &queue, &d, &e).await {
+                        self.counters.parked.fetch_add(1, Ordering::Relaxed);
                     }
-                    subscription::ack(&d, false).await?;
-                    self.counters.parked.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
         if good.is_empty() {
-            return Ok(IngestReport::default());
+            return IngestReport::default();
         }
-        match self.store.ingest_confirms(&confirms).await {
-            Ok(report) => {
-                self.counters.confirms.fetch_add(confirms.len() as u64, Ordering::Relaxed);
-                record(&confirms, &report);
-                let last = good.iter().max_by_key(|d| d.delivery_tag).expect("not empty");
-                subscription::ack(last, true).await?;
-                Ok(report)
+        let all: Vec<(String, Confirm)> = good.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
+        match retry::until_settled(&queue, shutdown, || self.store(&all)).await {
+            Settled::Done(report) => {
+                let last = good.iter().map(|(d, _)| d).max_by_key(|d| d.delivery_tag).expect("not empty");
+                settle_acked(subscription::ack(last, true).await);
+                report
             }
-            Err(e) => {
-                for d in &good {
+            Settled::Stopped(_) => {
+                for (d, _) in &good {
                     let _ = subscription::nack(d).await;
                 }
-                Err(e.into())
+                IngestReport::default()
+            }
+            Settled::Poison(e) => {
+                tracing::warn!(error = %e, "confirm batch refused by the store; storing its messages one by one");
+                let mut total = IngestReport::default();
+                for (d, confirms) in &good {
+                    match retry::until_settled(&queue, shutdown, || self.store(confirms)).await {
+                        Settled::Done(report) => {
+                            total += report;
+                            settle_acked(subscription::ack(d, false).await);
+                        }
+                        Settled::Poison(e) => {
+                            if park_and_ack(&self.publisher, &self.topology, &queue, d, &e).await {
+                                self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Settled::Stopped(_) => {
+                            let _ = subscription::nack(d).await;
+                        }
+                    }
+                }
+                total
             }
         }
+    }
+
+    /// A CONFIRM delivery's batch, decoded and, when keys are configured, its signature checked.
+    fn decode(&self, d: &Delivery) -> Result<ConfirmBatch, Refused> {
+        let content_type = d.properties.content_type().as_ref().map(|c| c.as_str());
+        let batch = ConfirmBatch::decode(&d.data, content_type, self.limits)?;
+        self.keys.verify(&batch.consumer, &d.data, &d.properties)?;
+        Ok(batch)
+    }
+
+    /// One store transaction for `confirms`, with its counters and metrics.
+    async fn store(&self, confirms: &[(String, Confirm)]) -> Result<IngestReport, HandleError> {
+        let report = self.store.ingest_confirms(confirms).await?;
+        self.counters.confirms.fetch_add(confirms.len() as u64, Ordering::Relaxed);
+        record(confirms, &report);
+        Ok(report)
+    }
+}
+
+/// An ack that failed after the commit is no loss: the confirms come again and are duplicates.
+fn settle_acked(acked: recheck::Result<()>) {
+    if let Err(e) = acked {
+        tracing::warn!(error = %e, "ack of stored confirms failed; they will be redelivered");
     }
 }
 

@@ -8,6 +8,8 @@
 //! - [`store`]: messages, confirms and history over sqlx `Any` (SQLite / PostgreSQL).
 //! - [`ingest`]: CONFIRM batches → one store transaction → `ack(multiple)`.
 //! - [`reconcile`]: each due CHECK → decide → `ResendHook.Resend` → next CHECK → ack.
+//! - [`failure`]: what a delivery fails with, classified once: retried in place, or parked.
+//! - [`sweeper`]: no check left behind: overdue checks (CHECK lost or parked) republished.
 //! - [`backlog`]: consumer queue depths, so checks of a lagging consumer are deferred.
 //! - [`breaker`]: per-producer circuit breaker, so a failing hook is backed off as a whole.
 //! - [`registry`]: producer name → hook endpoint (and bearer token).
@@ -21,10 +23,12 @@ pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod dashboard;
+pub mod failure;
 pub mod ingest;
 pub mod reconcile;
 pub mod registry;
 pub mod store;
+pub mod sweeper;
 
 pub use app::{App, build};
 pub use config::Config;

@@ -21,8 +21,9 @@ use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
     message::{Check, CheckBatch, Limits, now_ms},
-    parking::park,
+    parking::park_and_ack,
     producer::publish_checks,
+    retry::{self, Settled},
     subscription, telemetry,
 };
 use recheck_proto::v1::{ResendOutcome, ResendRequest, ResendResponse};
@@ -33,6 +34,7 @@ use tracing::Instrument;
 use crate::{
     backlog::Backlog,
     breaker::{Breakers, Gate},
+    failure::HandleError,
     registry::ProducerRegistry,
     store::{AttemptOutcome, MessageRow, Status, Store},
 };
@@ -151,12 +153,8 @@ impl Reconciler {
         while let Some(batch) = checks.next_batch(&shutdown).await? {
             for delivery in batch {
                 let this = self.clone();
-                in_flight.spawn(async move {
-                    if let Err(e) = this.handle_delivery(&delivery).await {
-                        tracing::warn!(error = %e, "check delivery failed; redelivering");
-                        let _ = subscription::nack(&delivery).await;
-                    }
-                });
+                let shutdown = shutdown.clone();
+                in_flight.spawn(async move { this.settle(&delivery, &shutdown).await });
             }
         }
         in_flight.close();
@@ -165,19 +163,34 @@ impl Reconciler {
         Ok(())
     }
 
-    /// One CHECK message: every check in it decided, the next checks published,
-    /// the outcomes recorded, then the ack. Malformed bodies are parked.
-    pub async fn handle_delivery(&self, delivery: &Delivery) -> anyhow::Result<()> {
-        let content_type = delivery.properties.content_type().as_ref().map(|c| c.as_str());
-        let batch = match CheckBatch::decode(&delivery.data, content_type, self.limits) {
-            Ok(batch) => batch,
-            Err(e) => {
-                park(&self.publisher, &self.topology, &self.topology.checks_queue(), delivery, &e).await?;
-                subscription::ack(delivery, false).await?;
-                self.counters.parked.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+    /// One CHECK delivery to its end: handled, then acked; poison parked; a transient failure
+    /// tried again in place ([`retry::until_settled`]); handed back only at shutdown.
+    pub async fn settle(&self, delivery: &Delivery, shutdown: &CancellationToken) {
+        let queue = self.topology.checks_queue();
+        match retry::until_settled(&queue, shutdown, || self.handle_delivery(delivery)).await {
+            Settled::Done(()) => {
+                // Not acked, it comes back: every step it repeats is a no-op the second time.
+                if let Err(e) = subscription::ack(delivery, false).await {
+                    tracing::warn!(error = %e, "ack of a handled check failed; it will be redelivered");
+                }
             }
-        };
+            Settled::Poison(e) => {
+                if park_and_ack(&self.publisher, &self.topology, &queue, delivery, &e).await {
+                    self.counters.parked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Settled::Stopped(e) => {
+                tracing::info!(error = %e, "shutting down; check handed back for redelivery");
+                let _ = subscription::nack(delivery).await;
+            }
+        }
+    }
+
+    /// One CHECK message: every check in it decided, the next checks published, the outcomes
+    /// recorded; the caller acks. A malformed body is an error to park ([`HandleError::Decode`]).
+    pub async fn handle_delivery(&self, delivery: &Delivery) -> Result<(), HandleError> {
+        let content_type = delivery.properties.content_type().as_ref().map(|c| c.as_str());
+        let batch = CheckBatch::decode(&delivery.data, content_type, self.limits)?;
         metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
         // The deliveries are bounded by the prefetch, their checks here; a delivery bigger than
         // the bound takes all of it and goes alone.
@@ -188,6 +201,8 @@ impl Reconciler {
 
         // Next checks first (grouped per delay into one CHECK message), then the store.
         let mut next_by_delay: HashMap<Duration, Vec<Check>> = HashMap::new();
+        // Checks republished with no attempt of their own to record: their due time, for the sweeper.
+        let mut due_by_delay: HashMap<Duration, Vec<String>> = HashMap::new();
         for plan in &plans {
             let (check, delay) = match plan {
                 Plan::Finish { next: Some((check, delay)), .. } => (check, *delay),
@@ -196,7 +211,11 @@ impl Reconciler {
                 Plan::Defer { check, delay } => (check, *delay),
                 _ => continue,
             };
-            next_by_delay.entry(self.topology.tier_for(delay)).or_default().push(check.clone());
+            let tier = self.topology.tier_for(delay);
+            if matches!(plan, Plan::Watch { .. } | Plan::Defer { .. }) {
+                due_by_delay.entry(tier).or_default().push(check.message_id.to_string());
+            }
+            next_by_delay.entry(tier).or_default().push(check.clone());
         }
         for (delay, checks) in next_by_delay {
             publish_checks(
@@ -206,6 +225,10 @@ impl Reconciler {
                 delay,
             )
             .await?;
+        }
+        for (delay, ids) in due_by_delay {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            self.store.reschedule(&ids, now_ms() + millis(delay)).await?;
         }
         for (check, plan) in batch.checks.iter().zip(&plans) {
             let id = check.message_id.to_string();
@@ -222,7 +245,6 @@ impl Reconciler {
                 Plan::Done | Plan::Confirmed | Plan::Watch { .. } | Plan::Defer { .. } => {}
             }
         }
-        subscription::ack(delivery, false).await?;
         for plan in &plans {
             metrics::counter!(telemetry::CHECKS, "result" => plan.result()).increment(1);
         }
@@ -233,7 +255,7 @@ impl Reconciler {
     /// their CHECK take it in one transaction, which also confirms the messages whose confirms
     /// came first; a check its row settles as it stands (confirmed, terminal, an attempt already
     /// taken) is decided here.
-    async fn plans(&self, batch: &CheckBatch) -> anyhow::Result<Vec<Plan>> {
+    async fn plans(&self, batch: &CheckBatch) -> Result<Vec<Plan>, HandleError> {
         let producer = &batch.producer;
         let ids: Vec<String> = batch.checks.iter().map(|c| c.message_id.to_string()).collect();
         let mut rows = self.store.get_many(&ids).await?;
@@ -271,7 +293,7 @@ impl Reconciler {
         }
         let decided = futures_util::future::try_join_all(open.into_iter().map(|(i, check, row)| {
             let decide = self.decide(producer, check, row).instrument(span(producer, check));
-            async move { anyhow::Ok((i, decide.await?)) }
+            async move { Ok::<_, HandleError>((i, decide.await?)) }
         }))
         .await?;
         for (i, plan) in decided {
@@ -295,7 +317,12 @@ impl Reconciler {
     /// Decides one check from its row as read (`None`: no row yet); makes the RPC if the message
     /// is unconfirmed and this process won the attempt. Runs in the check's `reconcile` span
     /// ([`span`]).
-    async fn decide(&self, producer: &str, check: &Check, row: Option<MessageRow>) -> anyhow::Result<Plan> {
+    async fn decide(
+        &self,
+        producer: &str,
+        check: &Check,
+        row: Option<MessageRow>,
+    ) -> Result<Plan, HandleError> {
         let row = self.store.record_check_read(producer, check, row).await?;
         if row.status.is_terminal() {
             return Ok(Plan::Done);
@@ -458,29 +485,6 @@ fn span(producer: &str, check: &Check) -> tracing::Span {
     span
 }
 
-/// Publishes a redrive's CHECK right away (shortest tier); it carries the current span's
-/// trace context (the redrive request's), not the original order's.
-pub async fn publish_redrive(
-    publisher: &Publisher,
-    topology: &Topology,
-    row: &MessageRow,
-) -> recheck::Result<()> {
-    let check = Check {
-        message_id: row
-            .message_id
-            .parse()
-            .map_err(|_| recheck::message::DecodeError::InvalidId(row.message_id.clone()))?,
-        routing_key: row.routing_key.clone(),
-        business_key: row.business_key.clone(),
-        attempt: row.attempt,
-        published_at: row.published_at,
-        expect: row.expect.clone(),
-        traceparent: recheck::trace::current_traceparent(),
-    };
-    let delay = topology.tiers.first().copied().unwrap_or_default();
-    publish_checks(publisher, topology, &CheckBatch::new(row.producer.clone(), vec![check]), delay).await
-}
-
 impl Plan {
     /// The `result` label of `recheck_checks_total`.
     fn result(&self) -> &'static str {
@@ -523,6 +527,6 @@ fn or_default(reason: String, default: &str) -> String {
     if reason.is_empty() { default.to_owned() } else { reason }
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

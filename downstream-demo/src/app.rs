@@ -150,7 +150,7 @@ async fn losing_messages<E: Effect>(
         if kept.is_empty() {
             continue;
         }
-        match consumer.handle_batch(kept).await {
+        match consumer.handle_batch(kept, shutdown).await {
             Ok(report) => total += report,
             Err(e) => tracing::warn!(error = %e, "batch failed; redelivering"),
         }

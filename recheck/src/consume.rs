@@ -17,7 +17,8 @@ use crate::{
     hook::BoxError,
     inbox::Prior,
     message::{BusinessHeaders, Confirm, DecodeError, Outcome, now_ms},
-    parking::park,
+    parking::park_and_ack,
+    retry::{self, Settled},
     subscription::{self, Consuming},
     telemetry, trace,
 };
@@ -185,7 +186,7 @@ impl<E: Effect> ConsumerLoop<E> {
         let mut subscription = Subscription::new(self.publisher.clone(), c.subscription()).await?;
         let mut total = BatchReport::default();
         while let Some(batch) = subscription.next_batch(&shutdown).await? {
-            match self.handle_batch(batch).await {
+            match self.handle_batch(batch, &shutdown).await {
                 Ok(report) => total += report,
                 Err(e) => tracing::warn!(consumer = %c.consumer, error = %e, "batch failed; redelivering"),
             }
@@ -194,10 +195,17 @@ impl<E: Effect> ConsumerLoop<E> {
         Ok(total)
     }
 
-    /// Handles one micro-batch of deliveries from one channel, in tag order.
-    /// On error every delivery not yet settled is nacked for redelivery.
+    /// Handles one micro-batch of deliveries from one channel, in tag order. A transient
+    /// failure of the transaction or of the CONFIRM (the database or the broker away) is tried
+    /// again in place with a growing delay ([`crate::retry`]): no redelivery counts toward the
+    /// queue's delivery limit. At `shutdown`, or on a failure that would repeat, every delivery
+    /// not yet settled is nacked for redelivery and the error returned.
     #[tracing::instrument(skip_all, fields(consumer = %self.config.consumer, n = deliveries.len()))]
-    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Result<BatchReport> {
+    pub async fn handle_batch(
+        &self,
+        deliveries: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) -> Result<BatchReport> {
         let mut report = BatchReport::default();
         metrics::histogram!(telemetry::CONSUMER_BATCH_SIZE, "consumer" => self.config.consumer.clone())
             .record(deliveries.len() as f64);
@@ -206,39 +214,43 @@ impl<E: Effect> ConsumerLoop<E> {
             match self.validate(&d) {
                 Ok(h) => pending.push((d, h)),
                 Err(e) => {
-                    let queue = &self.config.queue;
-                    if let Err(e) = park(&self.publisher, &self.topology, queue, &d, &e).await {
-                        // Not parked, so not acked: it comes back and is parked then.
-                        tracing::warn!(error = %e, "parking failed; redelivering");
-                        let _ = subscription::nack(&d).await;
-                        continue;
+                    if park_and_ack(&self.publisher, &self.topology, &self.config.queue, &d, &e).await {
+                        report.parked += 1;
                     }
-                    subscription::ack(&d, false).await?;
-                    report.parked += 1;
                 }
             }
         }
-        let settled = match self.commit(&mut pending, &mut report).await {
-            Ok(mut confirms) => {
-                // Committed: the effects are durable whatever becomes of the CONFIRM.
+        // Each try takes the batch (and counts afresh: only the try that succeeds is reported).
+        let tries = tokio::sync::Mutex::new((pending, BatchReport::default()));
+        let settled = retry::until_settled(&self.config.queue, shutdown, || async {
+            let mut guard = tries.lock().await;
+            let (pending, committed) = &mut *guard;
+            *committed = BatchReport::default();
+            let mut confirms = self.commit(pending, committed).await?;
+            // Committed: the effects are durable whatever becomes of the CONFIRM (a retry finds
+            // them claimed and confirms them as duplicates).
+            if let Some(drop) = &self.drop_confirm {
+                confirms.retain(|c| !drop(c));
+            }
+            self.confirmer.confirm_all(confirms).await
+        })
+        .await;
+        let (pending, committed) = tries.into_inner();
+        let e = match settled {
+            Settled::Done(()) => {
+                report += committed;
                 report.record(&self.config.consumer);
-                if let Some(drop) = &self.drop_confirm {
-                    confirms.retain(|c| !drop(c));
+                if let Some((last, _)) = pending.iter().max_by_key(|(d, _)| d.delivery_tag) {
+                    subscription::ack(last, true).await?;
                 }
-                self.confirmer.confirm_all(confirms).await
+                return Ok(report);
             }
-            Err(e) => Err(e),
+            Settled::Poison(e) | Settled::Stopped(e) => e,
         };
-        if let Err(e) = settled {
-            for (d, _) in &pending {
-                let _ = subscription::nack(d).await;
-            }
-            return Err(e);
+        for (d, _) in &pending {
+            let _ = subscription::nack(d).await;
         }
-        if let Some((last, _)) = pending.iter().max_by_key(|(d, _)| d.delivery_tag) {
-            subscription::ack(last, true).await?;
-        }
-        Ok(report)
+        Err(e)
     }
 
     /// What the SDK can tell is wrong with a delivery before the effect sees it.

@@ -17,6 +17,7 @@
 //!   placeholders for set-based statements.
 //! - [`parking`]: poison messages go to parking with a reason.
 //! - [`subscription`]: batches of deliveries from a queue, across reconnects.
+//! - [`retry`]: a failed delivery classified once (transient or poison), retried in place.
 //! - `service` (feature `service`): broker settings as clap args, connect + declare.
 //! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT, and [`shutdown::Loops`]: a service loop that dies takes the service down.
 //! - [`trace`]: W3C trace context in AMQP headers, CHECK entries and gRPC metadata; with feature
@@ -42,6 +43,7 @@ pub mod ops;
 pub mod parking;
 pub mod producer;
 pub mod publisher;
+pub mod retry;
 pub mod secret;
 #[cfg(feature = "service")]
 pub mod service;

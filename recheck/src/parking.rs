@@ -59,3 +59,24 @@ pub async fn park(
         .increment(1);
     Ok(())
 }
+
+/// Parks `delivery` and acks it; if parking fails, hands it back instead (nack), to be parked
+/// when it comes again. `true` when it was parked. Every queue reader settles poison this way.
+pub async fn park_and_ack(
+    publisher: &Publisher,
+    topology: &Topology,
+    source_queue: &str,
+    delivery: &Delivery,
+    reason: &(impl ParkReason + ?Sized),
+) -> bool {
+    if let Err(e) = park(publisher, topology, source_queue, delivery, reason).await {
+        tracing::warn!(queue = source_queue, error = %e, "parking failed; redelivering");
+        let _ = crate::subscription::nack(delivery).await;
+        return false;
+    }
+    // A failed ack is no loss: the broker redelivers, and the copy is parked again.
+    if let Err(e) = crate::subscription::ack(delivery, false).await {
+        tracing::warn!(queue = source_queue, error = %e, "ack after parking failed");
+    }
+    true
+}

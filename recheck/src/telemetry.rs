@@ -35,10 +35,14 @@ pub const CONFIRM_BATCH_SIZE: &str = "recheck_confirm_batch_size";
 // ---- SDK: parking ----
 /// Counter `{queue, reason}`: messages parked by a component, by reason class.
 pub const PARKED: &str = "recheck_parked_total";
+/// Counter `{queue}`: deliveries retried in place after a transient failure (`recheck::retry`).
+pub const DELIVERY_RETRIES: &str = "recheck_delivery_retries_total";
 
 // ---- callback service ----
 /// Counter `{result}`: checks handled, by what the state machine decided.
 pub const CHECKS: &str = "recheck_checks_total";
+/// Counter: overdue checks republished by the sweeper (their CHECK was lost or parked).
+pub const CHECKS_SWEPT: &str = "recheck_checks_swept_total";
 /// Counter `{reason = backlog | circuit}`: checks deferred without a resend.
 pub const CHECKS_DEFERRED: &str = "recheck_checks_deferred_total";
 /// Histogram: checks per CHECK delivery handled.
@@ -74,7 +78,9 @@ pub const ALL: &[&str] = &[
     CONSUMER_BATCH_SIZE,
     CONFIRM_BATCH_SIZE,
     PARKED,
+    DELIVERY_RETRIES,
     CHECKS,
+    CHECKS_SWEPT,
     CHECKS_DEFERRED,
     RECONCILE_BATCH_SIZE,
     RESENDS,
@@ -121,6 +127,11 @@ pub fn describe() {
     describe_histogram!(CONSUMER_BATCH_SIZE, Unit::Count, "Deliveries per consumer transaction");
     describe_histogram!(CONFIRM_BATCH_SIZE, Unit::Count, "Ids per CONFIRM message published");
     describe_counter!(PARKED, "Messages parked, by source queue and reason class");
+    describe_counter!(DELIVERY_RETRIES, "Deliveries retried in place after a transient failure, by queue");
+    describe_counter!(
+        CHECKS_SWEPT,
+        "Overdue checks republished by the sweeper (their CHECK was lost or parked)"
+    );
     describe_counter!(CHECKS, "Checks handled by the callback service, by result");
     describe_counter!(CHECKS_DEFERRED, "Checks deferred without a resend (consumer backlog, open circuit)");
     describe_histogram!(RECONCILE_BATCH_SIZE, Unit::Count, "Checks per CHECK delivery handled");

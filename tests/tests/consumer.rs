@@ -235,7 +235,7 @@ async fn run_batch_cases(store: &Store) {
         let mut subscription = Subscription::new(publisher.clone(), config).await.unwrap();
         let deliveries = subscription.next_batch(&CancellationToken::new()).await.unwrap().unwrap();
         assert_eq!(deliveries.len(), queued as usize, "{label}: one batch");
-        let report = consumer.handle_batch(deliveries).await.unwrap();
+        let report = consumer.handle_batch(deliveries, &CancellationToken::new()).await.unwrap();
         subscription.close().await;
         let mut outcomes = HashMap::new();
         while let Some(d) = confirms.try_next(Duration::from_millis(500)).await {

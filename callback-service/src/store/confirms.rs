@@ -27,6 +27,15 @@ pub struct IngestReport {
     pub rejected: usize,
 }
 
+impl std::ops::AddAssign for IngestReport {
+    fn add_assign(&mut self, other: Self) {
+        self.confirms += other.confirms;
+        self.confirmed += other.confirmed;
+        self.recovered += other.recovered;
+        self.rejected += other.rejected;
+    }
+}
+
 /// One confirm of the batch, with its id as stored.
 struct Item<'a> {
     id: String,

@@ -63,16 +63,30 @@ async fn upsert(
     checks: &[(String, &Check)],
     now: i64,
 ) -> Result<()> {
-    let columns =
-        [None, Some("$2"), None, None, None, Some("'pending'"), None, None, None, Some("$1"), Some("$1")];
+    // `next_check_at` is now: the check is being handled. Whatever it decides writes its own;
+    // if it never finishes (parked, say), the row is overdue and the sweeper republishes it.
+    let columns = [
+        None,
+        Some("$2"),
+        None,
+        None,
+        None,
+        Some("'pending'"),
+        None,
+        None,
+        None,
+        Some("$1"),
+        Some("$1"),
+        Some("$1"),
+    ];
     let sql = format!(
         "INSERT INTO messages (message_id, producer, routing_key, business_key, expect, status, attempt,
-             scheduled_attempt, published_at, created_at, updated_at)
+             scheduled_attempt, published_at, next_check_at, created_at, updated_at)
          VALUES {}
          ON CONFLICT (message_id) DO UPDATE
          SET producer = excluded.producer, routing_key = excluded.routing_key,
              business_key = excluded.business_key, expect = excluded.expect,
-             published_at = excluded.published_at
+             published_at = excluded.published_at, next_check_at = excluded.next_check_at
          WHERE messages.producer = ''",
         tuples(checks.len(), 3, &columns)
     );

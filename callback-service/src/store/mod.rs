@@ -8,13 +8,15 @@
 //! - [`first_checks`]: a CHECK batch meeting rows that lack their CHECK, and their confirms;
 //! - [`checks`]: the per-attempt transitions of the state machine, each a
 //!   conditional update on `(message_id, attempt)`;
-//! - [`queries`]: what the admin API reads and redrives, stats, retention.
+//! - [`queries`]: what the admin API reads and redrives, stats, retention;
+//! - [`sweep`]: overdue checks claimed for the sweeper, and deferred checks' due times.
 
 mod checks;
 mod confirms;
 mod first_checks;
 mod queries;
 mod settle;
+mod sweep;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -120,8 +120,9 @@ impl Store {
         }
         let attempt = row.attempt + 1;
         let done = sqlx::query(
+            // Due from now on: if its CHECK is never published, the sweeper publishes it.
             "UPDATE messages SET status = 'pending', attempt = $1, scheduled_attempt = $1, resend_count = 0,
-                 first_failure_at = NULL, last_error = NULL, updated_at = $2
+                 first_failure_at = NULL, last_error = NULL, next_check_at = $2, updated_at = $2
              WHERE message_id = $3 AND attempt = $4 AND status = $5",
         )
         .bind(i64::from(attempt))

@@ -1,0 +1,129 @@
+//! Failure paths of the callback service that end with a message nobody looks at again:
+//! - a store that fails every statement is waited out in place: the check and confirm deliveries
+//!   are neither requeued hot (which parks them at the delivery limit on RabbitMQ < 4.3) nor parked;
+//! - a check whose CHECK never comes back (lost, or parked after it was recorded) is republished
+//!   by the sweeper, and the message is reconciled.
+
+mod common;
+#[path = "callback/harness.rs"]
+#[allow(dead_code)] // the callback suite uses the rest of it
+mod harness;
+
+use std::time::Duration;
+
+use callback_service::store::Status;
+use harness::Env;
+use recheck::message::{Check, now_ms};
+use recheck_tests::metrics::{Metrics, get};
+use uuid::Uuid;
+
+use common::wait_for;
+
+const SOON: Duration = Duration::from_secs(60);
+
+async fn scrape(env: &Env) -> Metrics {
+    let (status, body) = get(env.ops_addrs[0], "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    Metrics::parse(body).unwrap()
+}
+
+/// PostgreSQL answers every statement on the two tables with an error at once (the tables are
+/// renamed away) while orders are published: their CONFIRMs and CHECKs arrive and fail on every
+/// try. A hot requeue would reach the queues' delivery limit (10) within a second and park them;
+/// in place, each delivery waits with a growing delay, and once the tables are back every order
+/// is confirmed, its points applied once, and nothing is parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failing_every_statement_is_waited_out_in_place_and_nothing_is_parked() {
+    let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+    let mut env = Env::start(&db.url, |_| {}).await;
+    env.start_consumer().await;
+    let store = env.store.pool().clone();
+    let retries = |m: &Metrics, queue: &str| m.sum("recheck_delivery_retries_total", &[("queue", queue)]);
+    let before = scrape(&env).await;
+    let (checks_before, confirms_before) =
+        (retries(&before, "recheck.checks"), retries(&before, "recheck.confirms"));
+
+    sqlx::query("ALTER TABLE messages RENAME TO messages_away").execute(&store).await.unwrap();
+    sqlx::query("ALTER TABLE confirms RENAME TO confirms_away").execute(&store).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(env.order(&format!("o-outage-{i}"), true).await);
+    }
+    // Both readers have failed several times (a hot loop would have parked them by now).
+    wait_for("both queue readers retrying in place", SOON, || async {
+        let m = scrape(&env).await;
+        (retries(&m, "recheck.checks") >= checks_before + 4.0
+            && retries(&m, "recheck.confirms") >= confirms_before + 4.0)
+            .then_some(())
+    })
+    .await;
+    let channel = env.publisher.create_channel().await.unwrap();
+    assert_eq!(common::depth(&channel, "recheck.parking").await, 0, "nothing parked during the outage");
+
+    sqlx::query("ALTER TABLE messages_away RENAME TO messages").execute(&store).await.unwrap();
+    sqlx::query("ALTER TABLE confirms_away RENAME TO confirms").execute(&store).await.unwrap();
+    for id in &ids {
+        env.wait_status(*id, Status::Confirmed, SOON).await;
+        assert_eq!(env.points(*id).await, 1, "{id}: the effect once");
+    }
+    assert_eq!(common::depth(&channel, "recheck.parking").await, 0, "nothing parked after it");
+    env.shutdown().await;
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
+                super::$name(&url).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+                super::$name(&db.url).await;
+            })*
+        }
+    };
+}
+
+on_both_stores!(a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled);
+
+/// The store has recorded a message's first CHECK (the check was being handled) but the CHECK
+/// itself is gone: parked by the delivery limit, or lost with a queue. Only the sweeper can bring
+/// it back: it republishes the CHECK once the check is `sweep_after` overdue, the hook resends the
+/// committed order, the consumer confirms it, and a second sweep finds nothing.
+async fn a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled(url: &str) {
+    let mut env = Env::start(url, |c| {
+        c.sweep_after = Duration::from_secs(2);
+        c.sweep_interval = Duration::from_millis(200);
+    })
+    .await;
+    env.start_consumer().await;
+    let id = Uuid::now_v7();
+    env.orders.0.lock().unwrap().insert(id, b"{\"order\":\"o-swept\"}".to_vec());
+    let check = Check {
+        message_id: id,
+        routing_key: "order.created".into(),
+        business_key: "o-swept".into(),
+        attempt: 1,
+        published_at: now_ms(),
+        expect: Some(vec!["points".into()]),
+        traceparent: None,
+    };
+    // Recorded as the reconciler records a first CHECK, never published: nothing else has it.
+    env.store.record_first_checks("orders", &[&check]).await.unwrap();
+    assert_eq!(env.row(id).await.unwrap().status, Status::Pending);
+
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(env.hook.calls_for(id), vec![(1, 1)], "one resend, from the swept CHECK");
+    assert_eq!(env.points(id).await, 1);
+    assert!(scrape(&env).await.sum("recheck_checks_swept_total", &[]) >= 1.0);
+    // Confirmed rows are not overdue: the next sweep takes nothing.
+    let overdue = env.store.claim_overdue(now_ms() + 60_000, now_ms() + 60_000, 10).await.unwrap();
+    assert!(overdue.is_empty(), "{overdue:?}");
+    env.shutdown().await;
+}
