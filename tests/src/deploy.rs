@@ -318,6 +318,11 @@ impl Deployment {
     }
 
     /// What the stores say now.
+    /// Messages in the parking queue now.
+    pub async fn parked(&self) -> Result<u32> {
+        queue_depth(&self.amqp_url, "recheck.parking").await
+    }
+
     pub async fn verdict(&self) -> Result<Verdict> {
         let consumers: Vec<(&str, &str)> =
             self.consumers.iter().map(|c| (c.name.as_str(), c.db.as_str())).collect();
@@ -360,6 +365,19 @@ impl Deployment {
 async fn open(url: &str) -> Result<AnyPool> {
     let (pool, _) = recheck::db::connect(url).await.with_context(|| format!("opening {url}"))?;
     Ok(pool)
+}
+
+/// Ready messages in `queue` (a passive declare over AMQP; with several URLs, the first): how a
+/// row counts what was parked.
+pub async fn queue_depth(amqp_url: &str, queue: &str) -> Result<u32> {
+    let url = amqp_url.split(',').next().unwrap_or(amqp_url).trim();
+    let connection = recheck::publisher::connect(url, "deploy-probe").await?;
+    let channel = connection.create_channel().await?;
+    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let depth =
+        channel.queue_declare(queue.into(), options, Default::default()).await.map(|q| q.message_count());
+    let _ = connection.close(200, "probe done".into()).await;
+    Ok(depth?)
 }
 
 /// Waits until `queue` has a consumer (asked over AMQP, so it works on any broker; with several

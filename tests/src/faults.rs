@@ -41,6 +41,12 @@ pub enum Fault {
     ProducerKilled,
     /// The producer's hook unreachable for several check rounds (connections refused).
     HookDown,
+    /// The producer's hook accepts connections and never answers (a black hole) for several
+    /// check rounds: every call times out until the circuit opens.
+    HookHangs,
+    /// The callback service's store (PostgreSQL, behind a proxy) down under load: connections
+    /// cut and refused. Its check and confirm deliveries wait in place; none is parked.
+    StoreDown,
     /// `rabbitmqctl stop_app`, a pause, `start_app`.
     BrokerRestart,
     /// The broker's memory alarm raised (publishers blocked), then cleared.
@@ -88,7 +94,10 @@ impl Scenario {
     pub fn new(fault: Fault, orders: u64, dir: impl Into<PathBuf>) -> Self {
         let (at, outage) = match fault {
             // Tiers are 1 s, 3 s, 5 s: 12 s down spans several check rounds of every message.
-            Fault::HookDown => (0.3, 12),
+            Fault::HookDown | Fault::HookHangs => (0.3, 12),
+            // Longer than sqlx's 30 s acquire timeout, so waits end in errors, not only in delays;
+            // `scripts/chaos` runs it for 2 minutes.
+            Fault::StoreDown => (0.3, 40),
             // Longer than the 3 s check delay, while the load goes on.
             Fault::ConsumerDown => (0.2, 8),
             // Failover waits out the publisher's recovery timeout (15 s) first.
@@ -128,6 +137,8 @@ pub struct Outcome {
     pub committed_at_fault: u64,
     /// From the end of the fault until every committed message was terminal.
     pub reconcile_s: f64,
+    /// Messages in the parking queue at the end (the rows inject no malformed message).
+    pub parked: u32,
     pub elapsed_s: f64,
 }
 
@@ -188,7 +199,7 @@ pub struct Broker<'a> {
     pub rabbit: &'a Rabbit,
     /// For [`Fault::NodeKilled`].
     pub cluster: Option<&'a RabbitCluster>,
-    /// For [`Fault::TwoCallbacks`]: a fresh PostgreSQL database URL.
+    /// For [`Fault::TwoCallbacks`] and [`Fault::StoreDown`]: a fresh PostgreSQL database URL.
     pub postgres_url: Option<String>,
 }
 
@@ -215,6 +226,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     // Proxies exist only for the rows that break the network.
     let mut amqp_proxy = None;
     let mut hook_proxy = None;
+    let mut store_proxy = None;
     match fault {
         Fault::BusinessDropped => {
             load.skip_publish_rate = 0.1;
@@ -226,7 +238,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
             opts.amqp_url = proxy.url_for(&vhost_url);
             amqp_proxy = Some(proxy);
         }
-        Fault::HookDown => {
+        Fault::HookDown | Fault::HookHangs => {
             let port = free_port()?;
             let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], port)))?;
             opts.orders_port = Some(port);
@@ -234,6 +246,14 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
             // Let the load create orders whose checks need the hook while it is down.
             load.skip_publish_rate = 0.1;
             hook_proxy = Some(proxy);
+        }
+        Fault::StoreDown => {
+            let url = broker.postgres_url.clone().context("the store row needs a PostgreSQL database")?;
+            let proxy = FaultProxy::start_for(&url)?;
+            opts.callback_database_url = Some(proxy.url_for(&url));
+            // Resends to make while the store is away.
+            load.skip_publish_rate = 0.05;
+            store_proxy = Some(proxy);
         }
         Fault::TwoCallbacks => {
             opts.callbacks = 2;
@@ -251,15 +271,17 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     let target = ((scenario.orders as f64) * scenario.at).ceil() as u64;
     let committed_at_fault = deployment.wait_committed(target, Duration::from_secs(120)).await?;
     tracing::info!(?fault, committed_at_fault, "injecting the fault");
-    let proxies = Proxies { amqp: amqp_proxy.as_ref(), hook: hook_proxy.as_ref() };
+    let proxies =
+        Proxies { amqp: amqp_proxy.as_ref(), hook: hook_proxy.as_ref(), store: store_proxy.as_ref() };
     inject(&mut deployment, broker, &proxies, fault, scenario.outage).await?;
     let recovered = Instant::now();
 
     let load = crate::deploy::finish_load(running).await?;
     let verdict = deployment.wait_settled(scenario.settle_within).await?;
     let reconcile_s = recovered.elapsed().as_secs_f64();
+    let parked = deployment.parked().await?;
     deployment.stop().await?;
-    drop((amqp_proxy, hook_proxy));
+    drop((amqp_proxy, hook_proxy, store_proxy));
     Ok(Outcome {
         fault,
         orders: scenario.orders,
@@ -268,6 +290,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
         load,
         committed_at_fault,
         reconcile_s,
+        parked,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -317,13 +340,15 @@ pub async fn run_mixed(
         let outage = Duration::from_millis(rng.random_range(1_000..5_000));
         tracing::info!(?fault, ?outage, "chaos: injecting");
         eprintln!("chaos: {:>6.1}s {fault:?} for {outage:?}", started.elapsed().as_secs_f64());
-        inject(&mut deployment, broker, &Proxies { amqp: Some(&proxy), hook: None }, fault, outage).await?;
+        let proxies = Proxies { amqp: Some(&proxy), hook: None, store: None };
+        inject(&mut deployment, broker, &proxies, fault, outage).await?;
         fired += 1;
     }
     let recovered = Instant::now();
     let load = crate::deploy::finish_load(running).await?;
     let verdict = deployment.wait_settled(scenario.settle_within).await?;
     let reconcile_s = recovered.elapsed().as_secs_f64();
+    let parked = deployment.parked().await?;
     deployment.stop().await?;
     tracing::info!(fired, "chaos run done");
     Ok(Outcome {
@@ -334,6 +359,7 @@ pub async fn run_mixed(
         load,
         committed_at_fault: 0,
         reconcile_s,
+        parked,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -342,6 +368,7 @@ pub async fn run_mixed(
 struct Proxies<'a> {
     amqp: Option<&'a FaultProxy>,
     hook: Option<&'a FaultProxy>,
+    store: Option<&'a FaultProxy>,
 }
 
 /// Fires `fault` and returns once it is over (`outage` later, for the lasting ones). Faults that
@@ -362,6 +389,19 @@ async fn inject(
         Fault::ProducerKilled => bounce(deployment, Role::Upstream, outage).await?,
         Fault::HookDown => {
             let proxy = proxies.hook.context("no proxy in front of the hook")?;
+            proxy.refuse(true);
+            proxy.cut();
+            sleep(outage).await;
+            proxy.refuse(false);
+        }
+        Fault::HookHangs => {
+            let proxy = proxies.hook.context("no proxy in front of the hook")?;
+            proxy.stall();
+            sleep(outage).await;
+            proxy.resume();
+        }
+        Fault::StoreDown => {
+            let proxy = proxies.store.context("no proxy in front of the store")?;
             proxy.refuse(true);
             proxy.cut();
             sleep(outage).await;

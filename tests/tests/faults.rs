@@ -21,7 +21,7 @@ async fn row(fault: Fault, tune: impl FnOnce(&mut Scenario)) -> Outcome {
     let _turn = ONE_AT_A_TIME.lock().await;
     let kit = recheck_tests::kit().await;
     let postgres_url = match fault {
-        Fault::TwoCallbacks => Some(kit.postgres.fresh_database().await.unwrap().url),
+        Fault::TwoCallbacks | Fault::StoreDown => Some(kit.postgres.fresh_database().await.unwrap().url),
         _ => None,
     };
     let cluster = match fault {
@@ -97,6 +97,24 @@ async fn producer_hook_down_for_several_check_rounds() {
     let o = row(Fault::HookDown, |_| {}).await;
     assert_eq!(o.verdict.failed, 0, "a message failed although the hook came back");
     assert!(o.verdict.resent_messages > 0, "nothing was resent after the hook came back");
+}
+
+/// A hook that accepts and never answers: every call is a timeout until the circuit opens; the
+/// checks wait (deferred, not failed) and everything is resent once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_hook_hangs_for_several_check_rounds() {
+    let o = row(Fault::HookHangs, |_| {}).await;
+    assert_eq!(o.verdict.failed, 0, "a message failed although the hook came back");
+    assert!(o.verdict.resent_messages > 0, "nothing was resent after the hook answered again");
+}
+
+/// The callback's PostgreSQL away for longer than sqlx's acquire timeout: checks and confirms
+/// wait in place (a hot requeue would park them at the delivery limit) and all reconcile after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_store_down_mid_load() {
+    let o = row(Fault::StoreDown, |_| {}).await;
+    assert_eq!(o.verdict.failed, 0, "a message failed over a store outage");
+    assert_eq!(o.parked, 0, "messages parked during the store outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,10 @@ fn plan(args: &Args) -> Vec<Scenario> {
         let orders = if fault == Fault::Mixed { args.mixed_orders } else { args.orders };
         let mut s = Scenario::new(fault, orders, args.dir.join(format!("{fault:?}")));
         s.rate = args.rate;
+        if fault == Fault::StoreDown {
+            // The outage: two minutes, four times sqlx's acquire timeout.
+            s.outage = std::time::Duration::from_secs(120);
+        }
         if fault == Fault::ConsumerDown {
             let mut without = s.clone();
             without.deferral = false;
@@ -76,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
                 scenario.fault, scenario.orders, scenario.deferral
             );
             let postgres_url = match scenario.fault {
-                Fault::TwoCallbacks => Some(kit.postgres.fresh_database().await?.url),
+                Fault::TwoCallbacks | Fault::StoreDown => Some(kit.postgres.fresh_database().await?.url),
                 _ => None,
             };
             let broker = Broker { rabbit: &kit.rabbit, cluster: cluster.as_ref(), postgres_url };
