@@ -3,6 +3,7 @@
 
 use crate::{
     GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
+    group_commit::Weight,
     message::{Confirm, ConfirmBatch, Outcome},
     producer::json_properties,
     signing::SigningKey,
@@ -54,7 +55,9 @@ impl Confirmer {
         let consumer = consumer.into();
         let name = consumer.clone();
         let exchange = topology.confirms_exchange();
-        let batches = GroupCommit::spawn(config, move |confirms| {
+        // Weighed as the CONFIRM is encoded, so no batch exceeds what the callback service accepts.
+        let weight = Weight::json(&ConfirmBatch::new(name.clone(), Vec::new()));
+        let batches = GroupCommit::spawn_weighed(config, weight, move |confirms| {
             let (publisher, exchange, key) = (publisher.clone(), exchange.clone(), key.clone());
             let batch = ConfirmBatch::new(name.clone(), one_per_id(confirms));
             let (ids, body) = (batch.confirms.len(), serde_json::to_vec(&batch));
@@ -83,9 +86,11 @@ impl Confirmer {
         self.batches.submit(confirm).await
     }
 
-    /// Confirms that travel in one CONFIRM message (a consumer's micro-batch).
+    /// Confirms of a consumer's micro-batch: one CONFIRM when they fit its caps, else as few
+    /// as do (a bigger micro-batch must not be refused whole). Refused with
+    /// [`crate::Error::Invalid`], nothing sent, if one confirm alone is too big.
     pub async fn confirm_all(&self, confirms: Vec<Confirm>) -> Result<()> {
-        self.batches.submit_many(confirms).await
+        self.batches.submit_split(confirms).await
     }
 
     /// Publishes what is pending and waits for it.

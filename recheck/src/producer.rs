@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     Error, GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
+    group_commit::Weight,
     message::{BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, now_ms},
     telemetry, trace,
 };
@@ -75,7 +76,9 @@ impl Producer {
     pub fn new(publisher: Publisher, topology: Topology, config: ProducerConfig) -> Self {
         let (p, t, name, delay) =
             (publisher.clone(), topology.clone(), config.name.clone(), config.check_delay);
-        let checks = GroupCommit::spawn(config.group_commit, move |checks| {
+        // Weighed as the CHECK is encoded, so no batch exceeds what the callback service accepts.
+        let weight = Weight::json(&CheckBatch::new(name.clone(), Vec::new()));
+        let checks = GroupCommit::spawn_weighed(config.group_commit, weight, move |checks| {
             let (p, t, batch) = (p.clone(), t.clone(), CheckBatch::new(name.clone(), checks));
             async move { publish_checks(&p, &t, &batch, delay).await }
         });
@@ -96,6 +99,8 @@ impl Producer {
 
     /// Step 1 of the safe order: publishes (group-committed) the delayed CHECK. The check
     /// carries this span's `traceparent`, so the callback service continues the caller's trace.
+    /// An event the callback service would refuse ([`Check::validate`], or too big for one CHECK
+    /// within [`GroupCommitConfig::max_bytes`]) is refused with [`Error::Invalid`], unpublished.
     #[tracing::instrument(
         skip_all,
         fields(producer = %self.name(), business_key = %event.business_key, message_id),
