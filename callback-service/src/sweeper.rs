@@ -8,7 +8,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use recheck::{
-    Publisher, Topology,
+    GroupCommitConfig, Publisher, Topology,
+    group_commit::json_len,
     message::{Check, CheckBatch, DecodeError, now_ms},
     producer::publish_checks,
     telemetry,
@@ -90,7 +91,8 @@ pub fn row_check(row: &MessageRow) -> Result<Check, DecodeError> {
 }
 
 /// Publishes the CHECKs of `rows` into the shortest tier, one message per producer and
-/// [`SWEEP_BATCH`] rows.
+/// [`SWEEP_BATCH`] rows, split further so no body exceeds what a decoder accepts (the group
+/// commit's byte cap: long business keys make big entries).
 pub async fn publish_rows(
     publisher: &Publisher,
     topology: &Topology,
@@ -101,9 +103,22 @@ pub async fn publish_rows(
         by_producer.entry(row.producer.as_str()).or_default().push(row_check(row)?);
     }
     let delay = topology.tiers.first().copied().unwrap_or_default();
+    let max_bytes = GroupCommitConfig::default().max_bytes;
     for (producer, checks) in by_producer {
-        for chunk in checks.chunks(SWEEP_BATCH) {
-            publish_checks(publisher, topology, &CheckBatch::new(producer, chunk.to_vec()), delay).await?;
+        let envelope = json_len(&CheckBatch::new(producer, Vec::new()));
+        let (mut batch, mut bytes) = (Vec::new(), envelope);
+        for check in checks {
+            let size = json_len(&check) + 1;
+            if !batch.is_empty() && (batch.len() == SWEEP_BATCH || bytes + size > max_bytes) {
+                let full = std::mem::take(&mut batch);
+                publish_checks(publisher, topology, &CheckBatch::new(producer, full), delay).await?;
+                bytes = envelope;
+            }
+            bytes += size;
+            batch.push(check);
+        }
+        if !batch.is_empty() {
+            publish_checks(publisher, topology, &CheckBatch::new(producer, batch), delay).await?;
         }
     }
     Ok(())
