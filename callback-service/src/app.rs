@@ -200,9 +200,11 @@ async fn infallible(run: impl std::future::Future<Output = ()>) -> anyhow::Resul
     Ok(())
 }
 
-/// `recheck_messages{status}`: the store's counts per status, every few seconds.
+/// `recheck_messages{status}`: the store's counts per status, and
+/// `recheck_oldest_pending_age_seconds{producer}`, every few seconds.
 async fn status_gauge(store: &Store, shutdown: &CancellationToken) {
     let mut tick = tokio::time::interval(STATUS_GAUGE_INTERVAL);
+    let mut producers = std::collections::HashSet::new();
     while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
         match store.counts().await {
             Ok(counts) => {
@@ -212,6 +214,25 @@ async fn status_gauge(store: &Store, shutdown: &CancellationToken) {
                 metrics::gauge!(telemetry::MESSAGES_AWAITING_CHECK).set(counts.awaiting_check as f64);
             }
             Err(e) => tracing::warn!(error = %e, "counting messages per status failed"),
+        }
+        match store.oldest_open().await {
+            Ok(oldest) => {
+                let now = now_ms();
+                let mut seen = std::collections::HashSet::new();
+                for (producer, published_at) in oldest {
+                    let age = (now - published_at).max(0) as f64 / 1000.0;
+                    metrics::gauge!(telemetry::OLDEST_PENDING_AGE_SECONDS, "producer" => producer.clone())
+                        .set(age);
+                    seen.insert(producer);
+                }
+                // A producer with nothing open any more reads 0, not its last age.
+                for gone in producers.difference(&seen) {
+                    metrics::gauge!(telemetry::OLDEST_PENDING_AGE_SECONDS, "producer" => gone.clone())
+                        .set(0.0);
+                }
+                producers = seen;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the oldest open messages failed"),
         }
     }
 }

@@ -64,6 +64,8 @@ pub const RECOVERED: &str = "recheck_recovered_total";
 /// Gauge `{status}`: messages per status in the store (refreshed every few seconds).
 pub const MESSAGES: &str = "recheck_messages";
 pub const MESSAGES_AWAITING_CHECK: &str = "recheck_messages_awaiting_check";
+/// Gauge `{producer}`: age of the producer's oldest open (`pending` / `resent`) message.
+pub const OLDEST_PENDING_AGE_SECONDS: &str = "recheck_oldest_pending_age_seconds";
 
 /// Every metric of the catalog (the README table and the Grafana dashboard cover them all: a test
 /// in `tests/tests/compose.rs` checks both).
@@ -91,6 +93,7 @@ pub const ALL: &[&str] = &[
     RECOVERED,
     MESSAGES,
     MESSAGES_AWAITING_CHECK,
+    OLDEST_PENDING_AGE_SECONDS,
 ];
 
 /// Bucket bounds (seconds) of the latency histograms.
@@ -149,6 +152,11 @@ pub fn describe() {
     describe_gauge!(
         MESSAGES_AWAITING_CHECK,
         "Pending or resent messages known only from confirms: their CHECK says whether more consumers are expected"
+    );
+    describe_gauge!(
+        OLDEST_PENDING_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of each producer's oldest pending or resent message (since it was prepared)"
     );
 }
 

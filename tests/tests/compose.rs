@@ -555,6 +555,47 @@ fn prometheus_scrapes_every_service_on_its_ops_port() {
     report(problems);
 }
 
+/// Prometheus loads the alert rules (`rule_files`, each mounted beside its config), and every
+/// rule's expression names only metrics some component records (`scripts/test` runs
+/// `promtool check rules` on the syntax).
+#[test]
+fn the_alert_rules_are_loaded_and_name_only_recorded_metrics() {
+    let mut problems = Vec::new();
+    let text = std::fs::read_to_string(repo_file("deploy/prometheus.yml")).expect("deploy/prometheus.yml");
+    let config = YamlLoader::load_from_str(&text).expect("deploy/prometheus.yml is not valid YAML");
+    let rule_files: Vec<String> =
+        config[0]["rule_files"].as_vec().into_iter().flatten().filter_map(scalar).collect();
+    if !rule_files.contains(&"alerts.yml".to_owned()) {
+        problems.push(format!("deploy/prometheus.yml loads {rule_files:?}, not alerts.yml"));
+    }
+    let compose = std::fs::read_to_string(repo_file("compose.yaml")).expect("compose.yaml");
+    if !compose.contains("./deploy/alerts.yml:/etc/prometheus/alerts.yml:ro") {
+        problems.push("compose.yaml does not mount deploy/alerts.yml beside prometheus.yml".into());
+    }
+    let text = std::fs::read_to_string(repo_file("deploy/alerts.yml")).expect("deploy/alerts.yml");
+    let rules = YamlLoader::load_from_str(&text).expect("deploy/alerts.yml is not valid YAML");
+    let catalog: BTreeSet<String> = recheck::telemetry::ALL.iter().map(|s| s.to_string()).collect();
+    let mut alerts = 0;
+    for group in rules[0]["groups"].as_vec().into_iter().flatten() {
+        for rule in group["rules"].as_vec().into_iter().flatten() {
+            alerts += 1;
+            let name = rule["alert"].as_str().unwrap_or("?");
+            let expr = rule["expr"].as_str().unwrap_or_default();
+            let used = metric_names(expr);
+            if used.is_empty() {
+                problems.push(format!("alert {name}: its expression names no recheck metric"));
+            }
+            for unknown in used.difference(&catalog) {
+                problems.push(format!("alert {name}: {unknown} is not a recorded metric"));
+            }
+        }
+    }
+    if alerts < 5 {
+        problems.push(format!("deploy/alerts.yml has {alerts} alerts"));
+    }
+    report(problems);
+}
+
 #[test]
 fn bind_mounted_files_exist() {
     let mut problems = Vec::new();

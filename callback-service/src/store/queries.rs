@@ -167,6 +167,18 @@ impl Store {
         Ok(Counts { by_status, awaiting_check })
     }
 
+    /// Per producer, when its oldest open (`pending` / `resent`) message was prepared (its
+    /// `published_at`, ms): what the oldest-pending gauge and its alert watch. Rows still awaiting
+    /// their CHECK name no producer and are left out.
+    pub async fn oldest_open(&self) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT producer, MIN(published_at) FROM messages
+             WHERE status IN ('pending', 'resent') AND producer <> '' GROUP BY producer",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Confirms received and resends made since `since_ms`.
     pub async fn activity_since(&self, since_ms: i64) -> Result<(u64, u64)> {
         let confirms: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM confirms WHERE received_at >= $1")
