@@ -90,7 +90,10 @@ macro_rules! on_both_stores {
     };
 }
 
-on_both_stores!(a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled);
+on_both_stores!(
+    a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled,
+    concurrent_redrives_of_one_message_redrive_it_once,
+);
 
 /// The store has recorded a message's first CHECK (the check was being handled) but the CHECK
 /// itself is gone: parked by the delivery limit, or lost with a queue. Only the sweeper can bring
@@ -125,5 +128,30 @@ async fn a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled(u
     // Confirmed rows are not overdue: the next sweep takes nothing.
     let overdue = env.store.claim_overdue(now_ms() + 60_000, now_ms() + 60_000, 10).await.unwrap();
     assert!(overdue.is_empty(), "{overdue:?}");
+    env.shutdown().await;
+}
+
+/// Eight redrives of one failed message at once (two operators, a retried click): exactly one
+/// wins and writes its history row; the others are refused as not redrivable, and the message,
+/// failed after its resends went nowhere (no consumer yet), ends confirmed with its effect once.
+async fn concurrent_redrives_of_one_message_redrive_it_once(url: &str) {
+    let mut env = Env::start(url, |_| {}).await;
+    let id = env.order("o-redriven", false).await;
+    env.wait_status(id, Status::Failed, SOON).await;
+    let id_text = id.to_string();
+    let redrives =
+        (0..8).map(|_| callback_service::admin::redrive(&env.store, &env.publisher, &env.topology, &id_text));
+    let results = futures_util::future::join_all(redrives).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(callback_service::admin::RedriveError::NotRedrivable(_))))
+        .count();
+    assert_eq!((won, refused), (1, 7), "{results:?}");
+    env.start_consumer().await;
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    let (_, _, history) = env.store.details(&id.to_string()).await.unwrap().unwrap();
+    assert_eq!(history.iter().filter(|t| t.reason == "redrive").count(), 1, "{history:?}");
+    assert_eq!(env.points(id).await, 1);
     env.shutdown().await;
 }
