@@ -34,6 +34,7 @@ impl BearerAuth {
         Self { tokens: tokens.into_iter().filter(|t| !t.is_empty()).collect() }
     }
 
+    /// Whether any token is configured, i.e. whether requests are checked at all.
     pub fn enabled(&self) -> bool {
         !self.tokens.is_empty()
     }
@@ -85,6 +86,8 @@ impl std::fmt::Debug for AttachToken {
 }
 
 impl AttachToken {
+    /// Attaches `Bearer <token>`; `None` or an empty token attaches nothing (authentication
+    /// off). Fails if the token cannot be a metadata value (it must be printable ASCII).
     pub fn new(token: Option<&str>) -> Result<Self, InvalidMetadataValue> {
         Ok(Self(token.filter(|t| !t.is_empty()).map(bearer_value).transpose()?))
     }

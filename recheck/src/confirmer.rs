@@ -28,12 +28,18 @@ fn one_per_id(confirms: Vec<Confirm>) -> Vec<Confirm> {
     out
 }
 
+/// Publishes one consumer's CONFIRMs to the confirms exchange. [`ConsumerLoop`](crate::ConsumerLoop)
+/// confirms through one; a consumer with a loop of its own calls [`Confirmer::confirm`] once
+/// the transaction that applied the effect has committed.
 pub struct Confirmer {
     consumer: String,
     batches: GroupCommit<Confirm>,
 }
 
 impl Confirmer {
+    /// An unsigned confirmer for `consumer`: the name a CHECK's `expect` lists and the inbox
+    /// keys rows by. `config` caps each CONFIRM (the default fits the callback service's
+    /// default limits).
     pub fn new(
         publisher: Publisher,
         topology: Topology,
@@ -78,10 +84,13 @@ impl Confirmer {
         Self { consumer, batches }
     }
 
+    /// The consumer name every CONFIRM of this confirmer carries.
     pub fn consumer(&self) -> &str {
         &self.consumer
     }
 
+    /// Confirms one message, sharing a CONFIRM with concurrent callers; returns once the broker
+    /// confirmed that CONFIRM. Only after the effect committed: a confirm stops the resends.
     pub async fn confirm(&self, confirm: Confirm) -> Result<()> {
         self.batches.submit(confirm).await
     }

@@ -26,15 +26,21 @@ use crate::{
 /// A business message as the effect sees it.
 #[derive(Debug)]
 pub struct Incoming<'a> {
+    /// Its Recheck identity: message id, producer, business key and attempt (0 = the original).
     pub headers: &'a BusinessHeaders,
+    /// The routing key it was published with: the event type (`order.created`).
     pub routing_key: &'a str,
+    /// The payload as the producer published it; a resend carries the same bytes.
     pub body: &'a [u8],
+    /// The broker's flag: this copy was delivered before and not acked (its transaction may
+    /// have rolled back). Not a duplicate test: the inbox decides that before the effect runs.
     pub redelivered: bool,
 }
 
 /// How the effect ended for a message seen for the first time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
+    /// The effect is done: confirmed as `processed`.
     Processed,
     /// Refused for business reasons: confirmed as `rejected`, never resent.
     Rejected(String),
@@ -58,7 +64,15 @@ impl std::fmt::Display for Transient {
 }
 
 /// The consumer's business effect, applied inside the inbox transaction.
+///
+/// The SDK calls it only for a message id this consumer has no committed inbox row for, so it
+/// needs no deduplication of its own. It must write through `tx` only: a transient failure of another
+/// message in the batch rolls the transaction back and the batch is redone, so an effect can run
+/// twice for one delivery and only what commits may count.
 pub trait Effect: Send + Sync + 'static {
+    /// Applies the effect of `msg` inside `tx`, the transaction holding its inbox claim: both
+    /// commit together or neither. `Err(Transient)` for a failure that may pass (rolled back and
+    /// redelivered); [`Applied::Rejected`] for one that never will.
     fn apply(
         &self,
         tx: &mut AnyConnection,
@@ -66,12 +80,15 @@ pub trait Effect: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Applied, Transient>> + Send;
 }
 
+/// How a [`ConsumerLoop`] names itself and reads its queue; [`ConsumerConfig::new`] gives the
+/// defaults.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     /// The consumer's name in CONFIRMs and in the inbox key (`points`).
     pub consumer: String,
     /// The queue it reads (declared with `Topology::declare_consumer_queue`).
     pub queue: String,
+    /// Unacked deliveries the broker hands over at once (AMQP `basic.qos`).
     pub prefetch: u16,
     /// Most deliveries handled in one transaction.
     pub batch_size: usize,
@@ -84,6 +101,8 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// Defaults for `consumer` reading `queue`: prefetch 256, batches of up to 128 gathered for
+    /// 5 ms, no body limit but the broker's.
     pub fn new(consumer: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             consumer: consumer.into(),
@@ -111,9 +130,14 @@ impl ConsumerConfig {
 /// What one batch did, for counters and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchReport {
+    /// First-seen messages whose effect committed.
     pub processed: usize,
+    /// Deliveries of ids claimed before: confirmed again, the effect not applied.
     pub duplicates: usize,
+    /// First-seen messages the effect rejected.
     pub rejected: usize,
+    /// Deliveries parked before the effect: headers the SDK cannot read, or a body over
+    /// [`ConsumerConfig::max_body_bytes`].
     pub parked: usize,
     /// Transient effect failures, nacked for redelivery.
     pub retried: usize,
@@ -148,6 +172,9 @@ impl std::ops::AddAssign for BatchReport {
 /// Decides, per confirm, that it is lost on the way (fault injection).
 type DropConfirm = Box<dyn Fn(&Confirm) -> bool + Send + Sync>;
 
+/// The consumer step. Reads the queue in micro-batches; per batch, one transaction claims each
+/// message in the [`Inbox`] and applies the [`Effect`] to the first-seen ones, then commits;
+/// one CONFIRM (broker-confirmed) reports every outcome, and one ack settles the batch.
 pub struct ConsumerLoop<E> {
     pool: AnyPool,
     drop_confirm: Option<DropConfirm>,
@@ -160,6 +187,9 @@ pub struct ConsumerLoop<E> {
 }
 
 impl<E: Effect> ConsumerLoop<E> {
+    /// A loop over `config.queue`. `pool` holds the inbox table ([`Inbox::migrate`]) and the
+    /// effect's own tables, so that they commit together; `publisher` reads the queue and parks
+    /// poison; `confirmer` sends the CONFIRMs under the same consumer name as `config`.
     pub fn new(
         pool: AnyPool,
         publisher: Publisher,

@@ -9,11 +9,14 @@ use crate::{Error, Result};
 /// Which backend a database URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// A `sqlite:` URL: an embedded file (or memory).
     Sqlite,
+    /// A `postgres:` or `postgresql:` URL.
     Postgres,
 }
 
 impl Backend {
+    /// The backend `url`'s scheme names; `None` for any other scheme.
     pub fn of(url: &str) -> Option<Self> {
         if url.starts_with("sqlite:") {
             Some(Backend::Sqlite)

@@ -76,6 +76,7 @@ pub struct Weight<T> {
 }
 
 impl<T> Weight<T> {
+    /// `envelope` bytes once per batch, and `item(x)` bytes for each item `x`.
     pub fn new(envelope: usize, item: impl Fn(&T) -> usize + Send + Sync + 'static) -> Self {
         Self { envelope, item: Box::new(item) }
     }

@@ -13,6 +13,8 @@ use uuid::Uuid;
 
 use crate::{BearerAuth, Producer, message::now_ms, trace};
 
+/// Any error, boxed: what a [`ResendSource`] lookup may fail with (and what a
+/// [`Transient`](crate::Transient) effect failure carries).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the producer's store knows of a message id.
@@ -26,6 +28,9 @@ pub enum Lookup {
 
 /// The one lookup a producer team writes.
 pub trait ResendSource: Send + Sync + 'static {
+    /// Finds `message_id` (prepared with `business_key`) in the producer's store:
+    /// [`Lookup::Found`] with the payload committed with it, else [`Lookup::NotCommitted`]. An
+    /// `Err` is answered RETRY_LATER, so the callback service asks again later.
     fn load(
         &self,
         message_id: Uuid,
@@ -42,10 +47,16 @@ pub struct ResendHookService<S> {
 }
 
 impl<S: ResendSource> ResendHookService<S> {
+    /// The hook of `producer`, republishing what `source` finds; a request naming another
+    /// producer is refused (INVALID_ARGUMENT). `grace`: how long after `prepare` a message not
+    /// found may still be committing, answered RETRY_LATER until then and NOT_FOUND after (the
+    /// callback service then marks it `void`). Make it longer than the slowest business
+    /// transaction: see `docs/contract.md` in the repository.
     pub fn new(source: Arc<S>, producer: Producer, grace: Duration) -> Self {
         Self { source, producer, grace }
     }
 
+    /// The tonic service, open to every caller (see [`Self::into_authenticated_server`]).
     pub fn into_server(self) -> ResendHookServer<Self> {
         ResendHookServer::new(self)
     }

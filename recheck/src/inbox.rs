@@ -39,24 +39,32 @@ const CHUNK: usize = 256;
 /// What the inbox remembers of a message processed before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prior {
+    /// `processed`, or `rejected` (a redelivery is then confirmed as rejected again).
     pub outcome: Outcome,
+    /// The reason given with a rejection.
     pub detail: Option<String>,
 }
 
+/// One consumer's inbox: a row per `(consumer, message_id)` in the consumer's own database,
+/// written in the transaction of the effect. [`ConsumerLoop`](crate::ConsumerLoop) uses it; a
+/// consumer with a loop of its own calls [`Inbox::claim`] in its transaction.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     consumer: String,
 }
 
 impl Inbox {
+    /// The inbox of `consumer`: the name its CONFIRMs carry.
     pub fn new(consumer: impl Into<String>) -> Self {
         Self { consumer: consumer.into() }
     }
 
+    /// The consumer whose rows this inbox reads and writes.
     pub fn consumer(&self) -> &str {
         &self.consumer
     }
 
+    /// Creates the table and its index ([`INBOX_SCHEMA`]) if they are missing.
     pub async fn migrate(pool: &AnyPool) -> Result<()> {
         for statement in INBOX_SCHEMA {
             sqlx::query(*statement).execute(pool).await?;
@@ -84,7 +92,7 @@ impl Inbox {
         Ok(seen == 1)
     }
 
-    /// [`claim`](Self::claim) for many deliveries in one statement per [`CHUNK`] ids: the ids
+    /// [`claim`](Self::claim) for many deliveries in one statement per 256 ids: the ids
     /// seen for the first time. An id given `k` times counts `k` deliveries; it is first-seen
     /// (its first copy applies the effect, the others are duplicates) if no row existed.
     pub async fn claim_many(&self, tx: &mut AnyConnection, message_ids: &[Uuid]) -> Result<HashSet<Uuid>> {
@@ -166,7 +174,7 @@ impl Inbox {
         }))
     }
 
-    /// [`prior`](Self::prior) of many ids in one statement per [`CHUNK`]; ids without a row are absent.
+    /// [`prior`](Self::prior) of many ids in one statement per 256; ids without a row are absent.
     pub async fn prior_many(
         &self,
         tx: &mut AnyConnection,

@@ -29,6 +29,8 @@
 //! - `ops` (feature `service`): the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and gRPC
 //!   health, both from one set of readiness checks.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod confirmer;
 pub mod consume;

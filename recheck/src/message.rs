@@ -1,5 +1,5 @@
-//! Wire format v1 (DESIGN.md): CHECK and CONFIRM batches, business headers,
-//! and decoding that turns any malformed input into a typed [`DecodeError`].
+//! Wire format v1 (see `docs/contract.md` in the repository): CHECK and CONFIRM batches,
+//! business headers, and decoding that turns any malformed input into a typed [`DecodeError`].
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
@@ -7,21 +7,29 @@ use uuid::Uuid;
 
 /// The only wire version this code writes and accepts.
 pub const VERSION: u32 = 1;
+/// The content type of CHECK and CONFIRM messages. A decoder takes a message without one as
+/// JSON too, and refuses any other.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
-/// Business message headers.
+/// Business message header: the producer's name (required).
 pub const HEADER_PRODUCER: &str = "x-recheck-producer";
+/// Business message header: the producer's key of the record (an order id); empty if absent.
 pub const HEADER_BUSINESS_KEY: &str = "x-recheck-business-key";
+/// Business message header: 0 for the original, n for the n-th resend; 0 if absent.
 pub const HEADER_ATTEMPT: &str = "x-recheck-attempt";
-/// Parking headers: why a message was parked and where it came from.
+/// Parking header: why the message was parked (the error's text).
 pub const HEADER_PARK_REASON: &str = "x-recheck-park-reason";
+/// Parking header: the queue the message was parked from.
 pub const HEADER_PARK_SOURCE: &str = "x-recheck-park-source";
 
 /// One delayed second-check of one business message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
+    /// The business message's id: its AMQP `message_id`, and the key of every record about it.
     pub message_id: Uuid,
+    /// The business message's routing key (event type); a resend is published with it.
     pub routing_key: String,
+    /// The producer's key of the record (an order id), handed to its resend hook.
     pub business_key: String,
     /// The check's sequence number: 0 = the first check, one more for every re-check the
     /// callback service schedules (after a resend, a RETRY_LATER, a failed call or a deferral
@@ -42,21 +50,28 @@ pub struct Check {
 /// A CHECK message: many checks of one producer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckBatch {
+    /// The wire version, [`VERSION`].
     pub v: u32,
+    /// The producer's name, as registered with the callback service: whose hook is called.
     pub producer: String,
+    /// At least one check.
     pub checks: Vec<Check>,
 }
 
+/// A consumer's answer for one message in a CONFIRM (lowercase on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
+    /// The effect was applied.
     Processed,
+    /// The id was processed before (a redelivery or a resend): nothing applied again.
     Duplicate,
     /// The consumer refuses the message for business reasons: stop resending.
     Rejected,
 }
 
 impl Outcome {
+    /// The wire name: `processed`, `duplicate` or `rejected`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Processed => "processed",
@@ -75,6 +90,7 @@ impl Outcome {
         }
     }
 
+    /// The outcome a wire name names; `None` for any other text.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "processed" => Some(Outcome::Processed),
@@ -88,8 +104,11 @@ impl Outcome {
 /// One consumer's confirmation of one business message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirm {
+    /// The business message's id (its AMQP `message_id`).
     pub message_id: Uuid,
+    /// What the consumer did with it.
     pub outcome: Outcome,
+    /// Optional text: a rejection's reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// ms since the Unix epoch.
@@ -99,15 +118,21 @@ pub struct Confirm {
 /// A CONFIRM message: many confirms of one consumer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfirmBatch {
+    /// The wire version, [`VERSION`].
     pub v: u32,
+    /// The consumer's name: what a CHECK's `expect` lists, and whose key a signature is
+    /// verified with.
     pub consumer: String,
+    /// At least one confirm.
     pub confirms: Vec<Confirm>,
 }
 
 /// Bounds on what a decoder accepts, so one hostile message costs little.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Largest body, in bytes (default 1 MiB).
     pub max_body_bytes: usize,
+    /// Most checks or confirms in one batch (default 5 000).
     pub max_ids: usize,
 }
 
@@ -120,26 +145,37 @@ impl Default for Limits {
 /// Why a message could not be decoded; the text goes into the parking reason header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The body is empty.
     #[error("empty body")]
     Empty,
+    /// The body's bytes (first) exceed the limit (second).
     #[error("body of {0} bytes exceeds the limit of {1}")]
     TooLarge(usize, usize),
+    /// A content type other than `application/json`.
     #[error("content type {0:?} is not application/json")]
     ContentType(String),
+    /// Not JSON, or not of the expected shape (serde's message).
     #[error("invalid JSON: {0}")]
     Json(String),
+    /// A `v` other than 1; `None` when it is missing or not an unsigned integer.
     #[error("unsupported version {0:?} (this build reads v1)")]
     Version(Option<u64>),
+    /// More entries (first) than the limit (second).
     #[error("{0} ids exceed the limit of {1}")]
     TooManyIds(usize, usize),
+    /// A batch without entries.
     #[error("empty batch")]
     EmptyBatch,
+    /// A required field, header or property is missing or empty.
     #[error("missing or empty field {0}")]
     Missing(&'static str),
+    /// A message id that is not a UUID.
     #[error("message id {0:?} is not a UUID")]
     InvalidId(String),
+    /// A header of the wrong AMQP type or not UTF-8.
     #[error("header {0} is invalid: {1}")]
     Header(&'static str, String),
+    /// A field holding a value the stores or the state machine cannot take (why, second).
     #[error("field {0} is invalid: {1}")]
     Field(&'static str, String),
 }
@@ -289,10 +325,13 @@ fn check_consumer_name(consumer: &String) -> Result<(), DecodeError> {
 }
 
 impl CheckBatch {
+    /// A v1 CHECK of `producer`.
     pub fn new(producer: impl Into<String>, checks: Vec<Check>) -> Self {
         Self { v: VERSION, producer: producer.into(), checks }
     }
 
+    /// Decodes a CHECK body and checks it whole: size and content type (`None` passes), version,
+    /// shape, each entry ([`Check::validate`]). Repeats of one id fold into the highest `attempt`.
     pub fn decode(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<Self, DecodeError> {
         check_envelope(body, content_type, limits)?;
         check_version(body)?;
@@ -310,10 +349,13 @@ impl CheckBatch {
 }
 
 impl ConfirmBatch {
+    /// A v1 CONFIRM of `consumer`.
     pub fn new(consumer: impl Into<String>, confirms: Vec<Confirm>) -> Self {
         Self { v: VERSION, consumer: consumer.into(), confirms }
     }
 
+    /// Decodes a CONFIRM body and checks it whole, as [`CheckBatch::decode`] does. Repeats of
+    /// one id fold into the strongest outcome ([`Outcome::strength`]).
     pub fn decode(body: &[u8], content_type: Option<&str>, limits: Limits) -> Result<Self, DecodeError> {
         check_envelope(body, content_type, limits)?;
         check_version(body)?;
@@ -337,14 +379,18 @@ impl ConfirmBatch {
 /// The Recheck identity of a business message, read from its AMQP properties.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusinessHeaders {
+    /// The AMQP `message_id` property: the id its CHECK, the inbox and its CONFIRM use.
     pub message_id: Uuid,
+    /// `x-recheck-producer`.
     pub producer: String,
+    /// `x-recheck-business-key`.
     pub business_key: String,
     /// `x-recheck-attempt`: 0 = the original, n = the n-th resend (the hook's `attempt`).
     pub attempt: u32,
 }
 
 impl BusinessHeaders {
+    /// AMQP properties with `message_id` and the three headers set (the publisher adds the rest).
     pub fn to_properties(&self) -> lapin::BasicProperties {
         let mut headers = FieldTable::default();
         headers.insert(HEADER_PRODUCER.into(), AMQPValue::LongString(self.producer.as_str().into()));
@@ -355,6 +401,8 @@ impl BusinessHeaders {
             .with_headers(headers)
     }
 
+    /// Reads them from a delivery: `message_id` must be a UUID and the producer header present; a
+    /// missing business key is empty, a missing attempt 0.
     pub fn from_properties(props: &lapin::BasicProperties) -> Result<Self, DecodeError> {
         let raw_id = props.message_id().as_ref().ok_or(DecodeError::Missing("message_id"))?;
         let message_id =

@@ -159,6 +159,7 @@ impl std::fmt::Debug for Readiness {
 }
 
 impl Readiness {
+    /// No probes (ready) until some are added.
     pub fn new() -> Self {
         Self::default()
     }

@@ -12,6 +12,7 @@ use crate::{
 /// Why a message is parked: the full text goes into its header, the short class into the
 /// `reason` label of `recheck_parked_total`.
 pub trait ParkReason: std::fmt::Display {
+    /// A short, fixed class (`invalid_json`, `other`, …): the metric's `reason` label.
     fn class(&self) -> &'static str;
 }
 

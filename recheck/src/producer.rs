@@ -20,21 +20,26 @@ pub struct Event {
     pub routing_key: String,
     /// The producer's own key for the record (an order id); handed back on resend.
     pub business_key: String,
+    /// The business message's body. A resend publishes what the
+    /// [`ResendSource`](crate::ResendSource) finds instead: store these bytes with the record.
     pub payload: Vec<u8>,
     /// Consumers that must confirm; `None` = any one confirm suffices.
     pub expect: Option<Vec<String>>,
 }
 
+/// A producer's name, check delay and CHECK batching; [`ProducerConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     /// The producer's name, as registered in the callback service.
     pub name: String,
     /// Delay before the first check (rounded up to a tier).
     pub check_delay: Duration,
+    /// How CHECKs are batched: concurrent `prepare` calls share one CHECK message.
     pub group_commit: GroupCommitConfig,
 }
 
 impl ProducerConfig {
+    /// Defaults for `name`: the first check after 30 s, the default CHECK batching.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -44,6 +49,9 @@ impl ProducerConfig {
     }
 }
 
+/// The producer side: [`Producer::prepare`] publishes a message's delayed CHECK,
+/// [`Prepared::publish`] its business message once the caller committed.
+///
 /// Cheap to clone; all clones share one check batcher.
 #[derive(Clone)]
 pub struct Producer {
@@ -62,7 +70,9 @@ struct Inner {
 #[derive(Debug)]
 pub struct Prepared {
     producer: Producer,
+    /// The business message's id: store it with the business row, for the resend hook's lookup.
     pub message_id: Uuid,
+    /// The event as prepared.
     pub event: Event,
 }
 
@@ -73,6 +83,8 @@ impl std::fmt::Debug for Producer {
 }
 
 impl Producer {
+    /// A producer named `config.name`, publishing through `publisher` into `topology`. It starts
+    /// its CHECK batcher as a task, so call it inside a Tokio runtime.
     pub fn new(publisher: Publisher, topology: Topology, config: ProducerConfig) -> Self {
         let (p, t, name, delay) =
             (publisher.clone(), topology.clone(), config.name.clone(), config.check_delay);
@@ -85,14 +97,17 @@ impl Producer {
         Self { inner: Arc::new(Inner { config, publisher, topology, checks }) }
     }
 
+    /// The producer's name, as CHECKs, headers and the hook's requests carry it.
     pub fn name(&self) -> &str {
         &self.inner.config.name
     }
 
+    /// The publisher it publishes through (for readiness, or to close it at shutdown).
     pub fn publisher(&self) -> &Publisher {
         &self.inner.publisher
     }
 
+    /// The topology it publishes into.
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
     }

@@ -81,9 +81,13 @@ pub fn split_urls(list: &str) -> Vec<String> {
 /// One message to publish: always persistent and mandatory.
 #[derive(Debug, Clone)]
 pub struct Outgoing<'a> {
+    /// The exchange to publish to.
     pub exchange: &'a str,
+    /// Its routing key.
     pub routing_key: &'a str,
+    /// The body.
     pub body: &'a [u8],
+    /// The AMQP properties; the delivery mode is set to persistent whatever they say.
     pub properties: BasicProperties,
 }
 
@@ -161,6 +165,7 @@ impl Publisher {
         })
     }
 
+    /// The settings it was made with.
     pub fn config(&self) -> &PublisherConfig {
         &self.inner.config
     }

@@ -26,6 +26,7 @@ pub enum Disposition {
 
 /// An error that knows its [`Disposition`].
 pub trait Classify: std::fmt::Display {
+    /// Whether trying again may help.
     fn disposition(&self) -> Disposition;
 }
 

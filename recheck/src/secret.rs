@@ -13,6 +13,7 @@ use std::{fmt, ops::Deref, str::FromStr};
 pub struct SecretUrl(String);
 
 impl SecretUrl {
+    /// Wraps `url`: one URL, or a comma-separated list.
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())
     }

@@ -40,11 +40,14 @@ pub struct BrokerArgs {
     // The full path keeps clap from treating the field as a list of single values.
     pub delay_tiers: ::std::vec::Vec<Duration>,
 
+    /// TLS for `amqps://` URLs.
+    // Not help text: clap ignores the doc comment of a flattened field.
     #[command(flatten)]
     pub tls: AmqpTlsArgs,
 }
 
 impl BrokerArgs {
+    /// The topology these settings name: prefix and delay tiers, the default delivery limit.
     pub fn topology(&self) -> Topology {
         Topology::new(self.prefix.clone(), self.delay_tiers.clone())
     }

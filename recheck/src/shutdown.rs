@@ -1,6 +1,6 @@
 //! Service plumbing: shutdown is an input — a token cancelled on SIGTERM or
 //! SIGINT, which every service loop takes and honours (stop consuming, finish
-//! in-flight work). Logging set-up is [`crate::trace::init`] (feature `service`).
+//! in-flight work). Logging set-up is `trace::init` (feature `service`).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;

@@ -11,6 +11,7 @@ use sha2::Sha256;
 
 use crate::parking::ParkReason;
 
+/// The AMQP header of a CONFIRM's signature: `v1=<hex of HMAC-SHA256(key, body)>`.
 pub const HEADER_SIGNATURE: &str = "x-recheck-signature";
 /// Shorter keys are refused: HMAC is only as strong as its key.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -27,6 +28,7 @@ impl fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
+    /// A key of at least [`MIN_KEY_BYTES`] bytes; a shorter one is refused.
     pub fn new(key: impl AsRef<[u8]>) -> Result<Self, String> {
         let key = key.as_ref();
         if key.len() < MIN_KEY_BYTES {
@@ -67,10 +69,13 @@ impl SigningKey {
 /// Why a CONFIRM was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
+    /// No signature header, from a consumer that has a key.
     #[error("unsigned CONFIRM (no {HEADER_SIGNATURE} header) from consumer {0:?}")]
     Unsigned(String),
+    /// Signatures are required and the consumer the body names has no key.
     #[error("no signing key for consumer {0:?}")]
     UnknownConsumer(String),
+    /// The signature does not match the body under the named consumer's key.
     #[error("bad signature on a CONFIRM from consumer {0:?}")]
     Invalid(String),
 }
@@ -114,6 +119,7 @@ impl ConfirmKeys {
         Ok(Self(Arc::new(keys)))
     }
 
+    /// Whether signatures are required: at least one key is configured.
     pub fn required(&self) -> bool {
         !self.0.is_empty()
     }

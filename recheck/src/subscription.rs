@@ -31,9 +31,11 @@ use crate::{Error, Publisher, Result};
 /// How deliveries are taken: the prefetch window and the batch shape.
 #[derive(Debug, Clone)]
 pub struct SubscriptionConfig {
+    /// The queue to consume.
     pub queue: String,
     /// Consumer tag prefix, shown in the broker's consumer list.
     pub tag: String,
+    /// Unacked deliveries the broker hands over at once (AMQP `basic.qos`).
     pub prefetch: u16,
     /// Most deliveries in one batch.
     pub batch_size: usize,
@@ -63,12 +65,13 @@ impl SubscriptionConfig {
 }
 
 /// Whether a subscription is consuming right now: set once it is subscribed, cleared while it
-/// is lost or being replaced. A clone watches the same subscription (see
-/// [`crate::ops::Readiness::consuming`]).
+/// is lost or being replaced. A clone watches the same subscription (readiness reads it:
+/// `ops::Readiness::consuming`, feature `service`).
 #[derive(Debug, Clone, Default)]
 pub struct Consuming(Arc<AtomicBool>);
 
 impl Consuming {
+    /// Whether the subscription is consuming now.
     pub fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -103,6 +106,8 @@ fn settled(result: std::result::Result<lapin::Result<bool>, tokio::time::error::
     }
 }
 
+/// One queue, consumed across reconnects: [`Subscription::next_batch`] hands out batches of
+/// deliveries, which the caller settles with [`ack`] and [`nack`].
 pub struct Subscription {
     publisher: Publisher,
     config: SubscriptionConfig,
@@ -111,6 +116,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// Subscribes on a new channel of `publisher`'s connection, with `config.prefetch`.
     pub async fn new(publisher: Publisher, config: SubscriptionConfig) -> Result<Self> {
         let (channel, deliveries) = subscribe(&publisher, &config).await?;
         config.consuming.set(true);

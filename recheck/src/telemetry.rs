@@ -63,6 +63,8 @@ pub const CONFIRM_LATENCY_SECONDS: &str = "recheck_confirm_latency_seconds";
 pub const RECOVERED: &str = "recheck_recovered_total";
 /// Gauge `{status}`: messages per status in the store (refreshed every few seconds).
 pub const MESSAGES: &str = "recheck_messages";
+/// Gauge: open messages known only from confirms, waiting for the CHECK that says whether more
+/// consumers are expected (refreshed with [`MESSAGES`]).
 pub const MESSAGES_AWAITING_CHECK: &str = "recheck_messages_awaiting_check";
 /// Gauge `{producer}`: age of the producer's oldest open (`pending` / `resent`) message.
 pub const OLDEST_PENDING_AGE_SECONDS: &str = "recheck_oldest_pending_age_seconds";

@@ -9,7 +9,7 @@
 //! - [`AmqpTls`]: the same for `amqps://` broker URLs, used by every broker connection
 //!   ([`crate::publisher::connect_with_tls`]). lapin's rustls connector always starts from the
 //!   webpki roots, so there a configured CA is trusted *in addition* to them.
-//! - With feature `service`: [`ServerTlsArgs`], [`ClientTlsArgs`], [`AmqpTlsArgs`], the same as
+//! - With feature `service`: `ServerTlsArgs`, `ClientTlsArgs`, `AmqpTlsArgs`, the same as
 //!   clap arguments (`RECHECK_TLS_*`, `RECHECK_AMQP_TLS_*`), flattened into each service's config.
 //!
 //! Private keys are never part of any `Debug` output.
@@ -22,14 +22,37 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server,
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A PEM file could not be read.
     #[error("reading the TLS {what} {}: {source}", path.display())]
-    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    Read {
+        /// What the file was to hold: `certificate` or `private key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file holds no PEM block of the kind expected.
     #[error("{} holds no PEM {what}", path.display())]
-    NotPem { what: &'static str, path: PathBuf },
+    NotPem {
+        /// What the file was to hold: `certificate` or `private key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A certificate without its key or a key without its certificate; the text names the
+    /// settings.
     #[error("{0}")]
     Incomplete(&'static str),
+    /// A gRPC URL tonic cannot parse.
     #[error("invalid gRPC URL {url:?}: {source}")]
-    Url { url: String, source: tonic::transport::Error },
+    Url {
+        /// The URL as given.
+        url: String,
+        /// tonic's reason.
+        source: tonic::transport::Error,
+    },
+    /// tonic refused the TLS configuration (a certificate or key it cannot parse).
     #[error("TLS set-up: {0}")]
     Setup(#[from] tonic::transport::Error),
 }
@@ -146,6 +169,8 @@ impl fmt::Debug for AmqpTls {
 }
 
 impl AmqpTls {
+    /// Reads the PEM files: `ca`, trusted besides the webpki roots; `identity`, the
+    /// (certificate, key) shown to a broker that asks for one.
     pub fn load(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<Self, TlsError> {
         let ca = ca.map(read_certs).transpose()?;
         let ca = ca.map(|pem| String::from_utf8_lossy(&pem).into_owned());

@@ -1,7 +1,7 @@
-//! Every exchange and queue of DESIGN.md, declared by one function that every
-//! component calls. Declaring is idempotent as long as the configuration is the
-//! same; a changed argument makes the broker refuse (PRECONDITION_FAILED), which
-//! is the signal that a queue must be migrated, not silently redefined.
+//! Every exchange and queue of the wire contract (see `docs/contract.md` in the repository),
+//! declared by one function that every component calls. Declaring is idempotent as long as the
+//! configuration is the same; a changed argument makes the broker refuse (PRECONDITION_FAILED),
+//! which is the signal that a queue must be migrated, not silently redefined.
 
 use std::time::Duration;
 
@@ -35,6 +35,9 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// The topology of `prefix` with `tiers` (sorted, repeats dropped) and the default delivery
+    /// limit. Give every service the same tiers (`RECHECK_DELAY_TIERS`): a CHECK routed to a
+    /// tier with no queue is unroutable.
     pub fn new(prefix: impl Into<String>, mut tiers: Vec<Duration>) -> Self {
         tiers.sort();
         tiers.dedup();
@@ -45,27 +48,37 @@ impl Topology {
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
     }
+    /// Where a CHECK is published: a direct exchange routing by tier
+    /// ([`Self::tier_routing_key`]) into that tier's delay queue.
     pub fn delay_exchange(&self) -> String {
         format!("{}.checks.delay", self.prefix)
     }
+    /// The delay queue of `tier`: a CHECK waits there for the tier, then is dead-lettered to the
+    /// checks exchange.
     pub fn tier_queue(&self, tier: Duration) -> String {
         format!("{}.checks.delay.{}", self.prefix, tier_name(tier))
     }
+    /// Fanout exchange of the CHECKs whose delay has passed.
     pub fn checks_exchange(&self) -> String {
         format!("{}.checks", self.prefix)
     }
+    /// The queue of the checks exchange (same name); the callback service reads it.
     pub fn checks_queue(&self) -> String {
         self.checks_exchange()
     }
+    /// Fanout exchange consumers publish their CONFIRMs to.
     pub fn confirms_exchange(&self) -> String {
         format!("{}.confirms", self.prefix)
     }
+    /// The queue of the confirms exchange (same name); the callback service reads it.
     pub fn confirms_queue(&self) -> String {
         self.confirms_exchange()
     }
+    /// Fanout exchange poison messages are parked to, the reason in their headers.
     pub fn parking_exchange(&self) -> String {
         format!("{}.parking", self.prefix)
     }
+    /// The queue of the parking exchange (same name): it keeps what it gets, no limit.
     pub fn parking_queue(&self) -> String {
         self.parking_exchange()
     }

@@ -14,7 +14,7 @@
 //! the span is first entered. A missing or malformed `traceparent` leaves the span where it was
 //! (a root, or the child of the current span): tracing never refuses a message.
 //!
-//! With feature `service`, [`init`] installs the subscriber every Recheck binary uses: logs as
+//! With feature `service`, `init` installs the subscriber every Recheck binary uses: logs as
 //! text or JSON lines (with `trace_id` / `span_id`), an OpenTelemetry layer that gives every span
 //! ids (so the context propagates with or without a collector), and with feature `otlp` an OTLP
 //! exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
@@ -47,8 +47,8 @@ pub const TRACESTATE: &str = "tracestate";
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether spans leave the process (an exporter is installed): only then is a span no log line
-/// is written in worth its cost (the consumer's per-message spans). [`init`] sets it; a service
-/// that installs its own exporter calls [`set_exporting`].
+/// is written in worth its cost (the consumer's per-message spans). `init` (feature `service`)
+/// sets it; a service that installs its own exporter calls [`set_exporting`].
 pub fn exporting() -> bool {
     EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }

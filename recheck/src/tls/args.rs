@@ -55,6 +55,7 @@ pub struct ClientTlsArgs {
 }
 
 impl ClientTlsArgs {
+    /// The client's TLS: the CA (else the webpki roots), and the client certificate if set.
     pub fn load(&self) -> Result<ClientTls, TlsError> {
         ClientTls::load(self.tls_ca.as_deref(), identity(&self.tls_client_cert, &self.tls_client_key)?)
     }
@@ -77,6 +78,7 @@ pub struct AmqpTlsArgs {
 }
 
 impl AmqpTlsArgs {
+    /// The broker TLS: the extra CA and the client certificate, if set.
     pub fn load(&self) -> Result<AmqpTls, TlsError> {
         AmqpTls::load(self.amqp_tls_ca.as_deref(), identity(&self.amqp_tls_cert, &self.amqp_tls_key)?)
     }

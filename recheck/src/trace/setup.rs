@@ -49,11 +49,14 @@ impl TraceArgs {
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
+    /// The filter directives given do not parse.
     #[error("invalid log filter: {0}")]
     Filter(#[from] tracing_subscriber::filter::ParseError),
+    /// The OTLP exporter could not be built.
     #[cfg(feature = "otlp")]
     #[error("OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The process already has a global subscriber.
     #[error("a global subscriber is already set: {0}")]
     Installed(#[from] tracing_subscriber::util::TryInitError),
 }
