@@ -5,7 +5,8 @@ use std::sync::{Arc, atomic::Ordering};
 use recheck::{Publisher, Topology, message::now_ms};
 use recheck_proto::v1::{
     self as pb, GetMessageRequest, GetMessageResponse, ListMessagesRequest, ListMessagesResponse,
-    RedriveRequest, RedriveResponse, StatsRequest, StatsResponse, admin_server,
+    RecheckRequest, RecheckResponse, RedriveManyRequest, RedriveManyResponse, RedriveRequest,
+    RedriveResponse, StatsRequest, StatsResponse, admin_server,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status as GrpcStatus};
@@ -35,7 +36,7 @@ impl AdminService {
     }
 }
 
-/// Why a redrive did not happen.
+/// Why a redrive (one or many) or a recheck did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum RedriveError {
     #[error("{0} is not failed or rejected, or its CHECK has not arrived (or it is unknown)")]
@@ -63,6 +64,76 @@ pub async fn redrive(
     publish_rows(publisher, topology, std::slice::from_ref(&row)).await?;
     tracing::info!(attempt = row.attempt, "redriven");
     Ok(row)
+}
+
+/// Most messages one bulk redrive or recheck takes, and how many when none is given.
+pub const MAX_BULK: u32 = 10_000;
+pub const DEFAULT_BULK: u32 = 1_000;
+
+/// What a bulk redrive or recheck did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bulk {
+    /// The messages it took (redriven, or their CHECK published now).
+    pub ids: Vec<String>,
+    /// More matched than its limit: run it again.
+    pub more: bool,
+}
+
+/// Redrive of every `status` message (failed or rejected; of `producer` if given, changed at or
+/// after `since` ms), at most `limit`: each as [`redrive`] does it (a message that a confirm or
+/// another redrive took meanwhile is skipped), then their CHECKs in a few messages. Idempotent:
+/// what was redriven is pending, so running it again takes only what is still in `status`.
+#[tracing::instrument(skip(store, publisher, topology))]
+pub async fn redrive_many(
+    store: &Store,
+    publisher: &Publisher,
+    topology: &Topology,
+    status: Status,
+    producer: Option<&str>,
+    since: i64,
+    limit: u32,
+) -> Result<Bulk, RedriveError> {
+    let limit = limit as usize;
+    let mut ids = store.redrivable(status, producer, since, limit + 1).await?;
+    let more = ids.len() > limit;
+    ids.truncate(limit);
+    let mut rows = Vec::with_capacity(ids.len());
+    for id in &ids {
+        rows.extend(store.redrive(id).await?);
+    }
+    // Committed and due now: if this publish fails, the sweeper publishes them.
+    publish_rows(publisher, topology, &rows).await?;
+    tracing::info!(redriven = rows.len(), more, "bulk redrive");
+    Ok(Bulk { ids: rows.into_iter().map(|r| r.message_id).collect(), more })
+}
+
+/// "Check now": publishes the CHECKs of up to `limit` open messages of `producer` on the shortest
+/// tier, so a message waiting out a long backoff (after the producer's outage, say) is checked in
+/// seconds. Each check that arrives is handled as usual; the one still waiting in its tier then
+/// finds its attempt taken and does nothing.
+#[tracing::instrument(skip(store, publisher, topology))]
+pub async fn recheck(
+    store: &Store,
+    publisher: &Publisher,
+    topology: &Topology,
+    producer: &str,
+    limit: u32,
+) -> Result<Bulk, RedriveError> {
+    // Due now: if the CHECKs never come, the sweeper publishes them again.
+    let rows = store.claim_producer(producer, now_ms(), limit as usize).await?;
+    publish_rows(publisher, topology, &rows).await?;
+    tracing::info!(rechecked = rows.len(), "recheck");
+    let more = rows.len() == limit as usize;
+    Ok(Bulk { ids: rows.into_iter().map(|r| r.message_id).collect(), more })
+}
+
+/// A bulk request's limit: 0 is the default, above [`MAX_BULK`] is refused.
+fn bulk_limit(limit: u32) -> Result<u32, GrpcStatus> {
+    match limit {
+        0 => Ok(DEFAULT_BULK),
+        n if n > MAX_BULK => Err(GrpcStatus::invalid_argument(format!("limit {n} is over {MAX_BULK}"))),
+        n => Ok(n),
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> GrpcStatus {
@@ -177,6 +248,45 @@ impl admin_server::Admin for AdminService {
             e => internal(e),
         })?;
         Ok(Response::new(RedriveResponse { message: Some(message_to_pb(row)) }))
+    }
+
+    async fn redrive_many(
+        &self,
+        request: Request<RedriveManyRequest>,
+    ) -> Result<Response<RedriveManyResponse>, GrpcStatus> {
+        let req = request.into_inner();
+        let status = match req.status() {
+            pb::MessageStatus::Failed => Status::Failed,
+            pb::MessageStatus::Rejected => Status::Rejected,
+            other => {
+                let name = other.as_str_name();
+                return Err(GrpcStatus::invalid_argument(format!(
+                    "status {name}: only MESSAGE_STATUS_FAILED or MESSAGE_STATUS_REJECTED can be redriven"
+                )));
+            }
+        };
+        let limit = bulk_limit(req.limit)?;
+        let producer = Some(req.producer.as_str()).filter(|p| !p.is_empty());
+        let bulk =
+            redrive_many(&self.store, &self.publisher, &self.topology, status, producer, req.since, limit)
+                .await
+                .map_err(internal)?;
+        Ok(Response::new(RedriveManyResponse { message_ids: bulk.ids, more: bulk.more }))
+    }
+
+    async fn recheck(
+        &self,
+        request: Request<RecheckRequest>,
+    ) -> Result<Response<RecheckResponse>, GrpcStatus> {
+        let req = request.into_inner();
+        if req.producer.is_empty() {
+            return Err(GrpcStatus::invalid_argument("producer is required"));
+        }
+        let limit = bulk_limit(req.limit)?;
+        let bulk = recheck(&self.store, &self.publisher, &self.topology, &req.producer, limit)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(RecheckResponse { message_ids: bulk.ids, more: bulk.more }))
     }
 
     async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, GrpcStatus> {

@@ -72,6 +72,7 @@ impl Dashboard {
             .route("/api/messages", get(api::list))
             .route("/api/messages/{id}", get(api::message))
             .route("/api/messages/{id}/redrive", post(api::redrive))
+            .route("/api/redrive", post(api::redrive_all))
             .route_layer(middleware::from_fn_with_state(self.clone(), authorize));
         Router::new()
             .route("/", get(|| async { Redirect::to("/dashboard") }))

@@ -10,7 +10,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Admin(admin)) => {
-            if let Err(e) = run_admin(admin).await {
+            if let Err(e) = run_admin(*admin).await {
                 eprintln!("error: {e:#}");
                 std::process::exit(1);
             }

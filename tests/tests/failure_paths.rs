@@ -93,6 +93,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled,
     concurrent_redrives_of_one_message_redrive_it_once,
+    bulk_redrive_is_bounded_and_idempotent_and_recheck_checks_now,
 );
 
 /// The store has recorded a message's first CHECK (the check was being handled) but the CHECK
@@ -153,5 +154,75 @@ async fn concurrent_redrives_of_one_message_redrive_it_once(url: &str) {
     let (_, _, history) = env.store.details(&id.to_string()).await.unwrap().unwrap();
     assert_eq!(history.iter().filter(|t| t.reason == "redrive").count(), 1, "{history:?}");
     assert_eq!(env.points(id).await, 1);
+    env.shutdown().await;
+}
+
+/// The operators' bulk tools over the Admin API. Three messages fail (their resends went nowhere):
+/// `RedriveMany` with a limit of 2 takes two and says more match, the next call the last one, a
+/// third finds nothing; each ends confirmed with one redrive in its history. `Recheck` publishes
+/// the CHECK of a pending message whose check would otherwise not come for ten minutes (its
+/// CHECK is lost; the sweeper waits `sweep_after`): it is resent and confirmed at once.
+async fn bulk_redrive_is_bounded_and_idempotent_and_recheck_checks_now(url: &str) {
+    use recheck_proto::v1::{MessageStatus, RecheckRequest, RedriveManyRequest};
+    let mut env = Env::start(url, |_| {}).await;
+    let mut admin =
+        recheck_proto::v1::admin_client::AdminClient::connect(format!("http://{}", env.admin_addrs[0]))
+            .await
+            .unwrap();
+    let mut failed = Vec::new();
+    for i in 0..3 {
+        failed.push(env.order(&format!("o-bulk-{i}"), false).await);
+    }
+    for id in &failed {
+        env.wait_status(*id, Status::Failed, SOON).await;
+    }
+    let bulk =
+        |limit| RedriveManyRequest { status: MessageStatus::Failed.into(), limit, ..Default::default() };
+    let first = admin.redrive_many(bulk(2)).await.unwrap().into_inner();
+    assert_eq!((first.message_ids.len(), first.more), (2, true), "{first:?}");
+    let second = admin.redrive_many(bulk(2)).await.unwrap().into_inner();
+    assert_eq!((second.message_ids.len(), second.more), (1, false), "{second:?}");
+    let mut redriven: Vec<String> = first.message_ids.into_iter().chain(second.message_ids).collect();
+    redriven.sort();
+    let mut expected: Vec<String> = failed.iter().map(Uuid::to_string).collect();
+    expected.sort();
+    assert_eq!(redriven, expected);
+    let again = admin.redrive_many(bulk(2)).await.unwrap().into_inner();
+    assert!(again.message_ids.is_empty() && !again.more, "nothing failed is left: {again:?}");
+    let refused = admin
+        .redrive_many(RedriveManyRequest { status: MessageStatus::Pending.into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    // A pending message whose CHECK is gone; only `Recheck` (or, ten minutes on, the sweeper) checks it.
+    let lost = Uuid::now_v7();
+    env.orders.0.lock().unwrap().insert(lost, b"{\"order\":\"o-lost-check\"}".to_vec());
+    let check = Check {
+        message_id: lost,
+        routing_key: "order.created".into(),
+        business_key: "o-lost-check".into(),
+        attempt: 1,
+        published_at: now_ms(),
+        expect: Some(vec!["points".into()]),
+        traceparent: None,
+    };
+    env.store.record_first_checks("orders", &[&check]).await.unwrap();
+    let missing = admin.recheck(RecheckRequest { producer: String::new(), limit: 0 }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    let rechecked =
+        admin.recheck(RecheckRequest { producer: "orders".into(), limit: 0 }).await.unwrap().into_inner();
+    assert!(rechecked.message_ids.contains(&lost.to_string()), "{rechecked:?}");
+
+    env.start_consumer().await;
+    for id in failed.iter().chain([&lost]) {
+        env.wait_status(*id, Status::Confirmed, SOON).await;
+        assert_eq!(env.points(*id).await, 1, "{id}: the effect once");
+    }
+    for id in &failed {
+        let (_, _, history) = env.store.details(&id.to_string()).await.unwrap().unwrap();
+        assert_eq!(history.iter().filter(|t| t.reason == "redrive").count(), 1, "{history:?}");
+    }
+    assert_eq!(env.hook.calls_for(lost), vec![(1, 1)], "the rechecked message resent once");
     env.shutdown().await;
 }

@@ -2,18 +2,22 @@
 //! `callback-service admin …` is an operator client of a running service's `Admin` API.
 //! Each admin command has a `format_*` function returning its output as a `String`.
 
-use std::{fmt::Write as _, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, SecondsFormat};
+use chrono::DateTime;
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use recheck_proto::v1::{
-    GetMessageRequest, GetMessageResponse, ListMessagesRequest, Message, MessageStatus, RedriveRequest,
-    RedriveResponse, StatsRequest, StatsResponse, admin_client::AdminClient,
+    GetMessageRequest, ListMessagesRequest, MessageStatus, RecheckRequest, RedriveManyRequest,
+    RedriveRequest, StatsRequest, admin_client::AdminClient,
 };
 use tonic::Status;
 
-use crate::Config;
+use crate::{Config, admin::Bulk};
+
+mod format;
+
+pub use format::{format_bulk, format_list, format_message, format_redrive, format_stats};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,7 +39,7 @@ pub enum Command {
     /// Run the service (the default).
     Serve(Box<Config>),
     /// Inspect or redrive messages of a running service through its Admin API.
-    Admin(AdminCommand),
+    Admin(Box<AdminCommand>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -71,8 +75,46 @@ pub enum AdminAction {
     },
     /// One message with its confirms and its history.
     Show { id: String },
-    /// Move a failed or rejected message back to pending; it is re-checked now.
-    Redrive { id: String },
+    /// Move failed or rejected messages back to pending; each is re-checked now. One by id, or in
+    /// bulk with `--status` (at most `--limit` a call: run it again while it says more match).
+    Redrive {
+        /// The message to redrive.
+        #[arg(required_unless_present = "status", conflicts_with = "status")]
+        id: Option<String>,
+        /// Redrive every message in this status.
+        #[arg(long, value_parser = ["failed", "rejected"])]
+        status: Option<String>,
+        /// With `--status`: only this producer's messages.
+        #[arg(long, requires = "status")]
+        producer: Option<String>,
+        /// With `--status`: only messages changed since this time, RFC 3339
+        /// (`2026-12-03T08:00:00Z`) or an age (`90m`, `2h`).
+        #[arg(long, requires = "status", value_parser = parse_since)]
+        since: Option<i64>,
+        /// With `--status`: most messages this call redrives (the server refuses over 10000).
+        #[arg(long, default_value_t = crate::admin::DEFAULT_BULK)]
+        limit: u32,
+    },
+    /// Check a producer's pending messages now instead of at their backoff's next check (after
+    /// its outage, say): their CHECKs are published on the shortest tier.
+    Recheck {
+        /// The producer whose open messages to check.
+        #[arg(long)]
+        producer: String,
+        /// Most messages this call takes (the server refuses over 10000).
+        #[arg(long, default_value_t = crate::admin::DEFAULT_BULK)]
+        limit: u32,
+    },
+}
+
+/// `--since`: an RFC 3339 time, or an age back from now; ms since the epoch.
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(s) {
+        return Ok(at.timestamp_millis());
+    }
+    let age = recheck::topology::parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor an age like 90m or 2h"))?;
+    Ok(recheck::message::now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The store's status names, listed in `--help`.
@@ -124,9 +166,28 @@ pub async fn run_admin(cmd: AdminCommand) -> anyhow::Result<()> {
                 admin.get_message(GetMessageRequest { message_id: id }).await.map_err(status_error)?;
             print!("{}", format_message(&response.into_inner()));
         }
-        AdminAction::Redrive { id } => {
+        AdminAction::Redrive { id: Some(id), .. } => {
             let response = admin.redrive(RedriveRequest { message_id: id }).await.map_err(status_error)?;
             print!("{}", format_redrive(&response.into_inner()));
+        }
+        AdminAction::Redrive { id: None, status, producer, since, limit } => {
+            let status = match status.as_deref() {
+                Some("rejected") => MessageStatus::Rejected,
+                _ => MessageStatus::Failed,
+            };
+            let request = RedriveManyRequest {
+                status: status.into(),
+                producer: producer.unwrap_or_default(),
+                since: since.unwrap_or(0),
+                limit,
+            };
+            let response = admin.redrive_many(request).await.map_err(status_error)?.into_inner();
+            print!("{}", format_bulk("redriven", &Bulk { ids: response.message_ids, more: response.more }));
+        }
+        AdminAction::Recheck { producer, limit } => {
+            let response =
+                admin.recheck(RecheckRequest { producer, limit }).await.map_err(status_error)?.into_inner();
+            print!("{}", format_bulk("rechecked", &Bulk { ids: response.message_ids, more: response.more }));
         }
     }
     Ok(())
@@ -141,140 +202,12 @@ fn status_error(status: Status) -> anyhow::Error {
     anyhow::anyhow!(format_status(&status))
 }
 
-/// Counts per status, the total and the rates.
-pub fn format_stats(stats: &StatsResponse) -> String {
-    let mut out = String::new();
-    for c in &stats.counts {
-        let _ = writeln!(out, "{:<10} {:>12}", status_name(c.status), c.count);
-    }
-    let _ = writeln!(out, "{:<10} {:>12}", "total", stats.total);
-    let _ = writeln!(out, "of the open, awaiting their check: {}", stats.awaiting_check);
-    let _ = writeln!(
-        out,
-        "per second (last minute): confirms {:.1}, checks {:.1}, resends {:.1}",
-        stats.confirms_per_second, stats.checks_per_second, stats.resends_per_second
-    );
-    out
-}
-
-/// One line per message, after a header line when `header` is set.
-pub fn format_list(messages: &[Message], header: bool) -> String {
-    let mut out = String::new();
-    if header {
-        let _ = writeln!(
-            out,
-            "{:<36} {:<9} {:<14} {:<20} {:>7} {:>7}  LAST ERROR",
-            "ID", "STATUS", "PRODUCER", "BUSINESS KEY", "ATTEMPT", "RESENDS"
-        );
-    }
-    for m in messages {
-        let _ = writeln!(
-            out,
-            "{:<36} {:<9} {:<14} {:<20} {:>7} {:>7}  {}",
-            m.message_id,
-            status_name(m.status),
-            m.producer,
-            m.business_key,
-            m.attempt,
-            m.resend_count,
-            or_dash(&m.last_error)
-        );
-    }
-    out
-}
-
-/// The message's fields, its confirms and its history.
-pub fn format_message(response: &GetMessageResponse) -> String {
-    let mut out = match &response.message {
-        Some(m) => format_fields(m),
-        None => "(no message in the response)\n".to_owned(),
-    };
-    let _ = writeln!(out, "\nconfirms ({})", response.confirms.len());
-    for c in &response.confirms {
-        let outcome = recheck_proto::v1::ConfirmOutcome::try_from(c.outcome)
-            .map(|o| short(o.as_str_name(), "CONFIRM_OUTCOME_"))
-            .unwrap_or_else(|_| c.outcome.to_string());
-        let _ = writeln!(
-            out,
-            "  {}  {:<14} {:<10} {}",
-            time(c.processed_at),
-            c.consumer,
-            outcome,
-            or_dash(&c.detail)
-        );
-    }
-    let _ = writeln!(out, "\nhistory ({})", response.history.len());
-    for t in &response.history {
-        let _ = writeln!(
-            out,
-            "  {}  {:>9} -> {:<9} attempt {:<3} {}",
-            time(t.at),
-            status_name(t.from),
-            status_name(t.to),
-            t.attempt,
-            or_dash(&t.reason)
-        );
-    }
-    out
-}
-
-/// The message's state after a redrive.
-pub fn format_redrive(response: &RedriveResponse) -> String {
-    match &response.message {
-        Some(m) => format!("redriven\n{}", format_fields(m)),
-        None => "redriven\n".to_owned(),
-    }
-}
-
-fn format_fields(m: &Message) -> String {
-    let expect = if m.expect.is_empty() { "(any consumer)".to_owned() } else { m.expect.join(", ") };
-    let rows = [
-        ("id", m.message_id.clone()),
-        ("status", status_name(m.status) + if m.awaiting_check { " (awaiting its check)" } else { "" }),
-        ("producer", m.producer.clone()),
-        ("routing key", m.routing_key.clone()),
-        ("business key", m.business_key.clone()),
-        ("expect", expect),
-        ("attempt", m.attempt.to_string()),
-        ("resends", m.resend_count.to_string()),
-        ("next check", time(m.next_check_at)),
-        ("last error", or_dash(&m.last_error).to_owned()),
-        ("published", time(m.published_at)),
-        ("created", time(m.created_at)),
-        ("updated", time(m.updated_at)),
-    ];
-    rows.iter().fold(String::new(), |mut out, (k, v)| {
-        let _ = writeln!(out, "{k:<13} {v}");
-        out
-    })
-}
-
-/// `failed` for `MESSAGE_STATUS_FAILED`; the number for a status this build does not know.
-fn status_name(status: i32) -> String {
-    MessageStatus::try_from(status)
-        .map(|s| short(s.as_str_name(), "MESSAGE_STATUS_"))
-        .unwrap_or_else(|_| status.to_string())
-}
-
-fn short(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase()
-}
-
-/// RFC 3339 (UTC, milliseconds) of ms since the epoch; `-` for 0 (not set).
-fn time(ms: i64) -> String {
-    match DateTime::from_timestamp_millis(ms) {
-        Some(t) if ms != 0 => t.to_rfc3339_opts(SecondsFormat::Millis, true),
-        _ => "-".to_owned(),
-    }
-}
-
-fn or_dash(s: &str) -> &str {
-    if s.is_empty() { "-" } else { s }
-}
-
 #[cfg(test)]
 mod tests {
-    use recheck_proto::v1::{ConfirmOutcome, ConfirmRecord, StatusCount, Transition};
+    use recheck_proto::v1::{
+        ConfirmOutcome, ConfirmRecord, GetMessageResponse, Message, RedriveResponse, StatsResponse,
+        StatusCount, Transition,
+    };
 
     use super::*;
 

@@ -6,7 +6,9 @@
 //!   reason of its latest transition; `next` continues after the last id;
 //! - `GET /api/messages/{id}` — one message and its timeline (published, status changes, resends,
 //!   confirms, the next check);
-//! - `POST /api/messages/{id}/redrive` — [`crate::admin::redrive`]; 409 unless failed / rejected.
+//! - `POST /api/messages/{id}/redrive` — [`crate::admin::redrive`]; 409 unless failed / rejected;
+//! - `POST /api/redrive?status=failed&producer=P&since=MS&limit=N` — [`crate::admin::redrive_many`]
+//!   (`status` failed or rejected, else 400; `limit` up to 10 000, 1 000 when absent).
 
 use axum::{
     Json,
@@ -20,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::Dashboard;
 use crate::{
-    admin::{RedriveError, redrive as redrive_message},
+    admin::{DEFAULT_BULK, MAX_BULK, RedriveError, redrive as redrive_message, redrive_many},
     store::{ConfirmRow, MessageRow, Status, StoreError, Transition},
 };
 
@@ -119,6 +121,40 @@ pub(super) async fn redrive(State(d): State<Dashboard>, Path(id): Path<String>) 
         Err(e @ RedriveError::NotRedrivable(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
         Err(e) => {
             tracing::warn!(message_id = %id, error = %e, "dashboard redrive failed");
+            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct BulkQuery {
+    status: String,
+    producer: Option<String>,
+    since: Option<i64>,
+    limit: Option<u32>,
+}
+
+pub(super) async fn redrive_all(State(d): State<Dashboard>, Query(q): Query<BulkQuery>) -> ApiResult {
+    let status = match Status::parse(&q.status) {
+        Some(s @ (Status::Failed | Status::Rejected)) => s,
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("status {:?}: failed or rejected", q.status),
+            ));
+        }
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_BULK);
+    if limit == 0 || limit > MAX_BULK {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("limit {limit}: 1 to {MAX_BULK}")));
+    }
+    let producer = q.producer.as_deref().filter(|p| !p.is_empty());
+    match redrive_many(&d.store, &d.publisher, &d.topology, status, producer, q.since.unwrap_or(0), limit)
+        .await
+    {
+        Ok(bulk) => Ok(Json(json!({ "message_ids": bulk.ids, "more": bulk.more }))),
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard bulk redrive failed");
             Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         }
     }

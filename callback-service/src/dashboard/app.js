@@ -185,6 +185,22 @@ async function redriveMessage(id, button) {
   }
 }
 
+// Bulk redrive of one status (at most 1000 a click; the button says when more remain).
+async function redriveAll(status, button) {
+  if (!window.confirm(`Redrive every ${status} message?`)) return;
+  button.disabled = true;
+  try {
+    const done = await api(`/api/redrive?status=${encodeURIComponent(status)}`, { method: 'POST' });
+    button.textContent = `Redriven ${done.message_ids.length}${done.more ? ' (more remain: click again)' : ''}`;
+    showError(null);
+    await refresh();
+  } catch (e) {
+    showError(e);
+  } finally {
+    button.disabled = false;
+  }
+}
+
 let refreshing = false;
 async function refresh() {
   if (refreshing) return;
@@ -208,6 +224,9 @@ function init() {
     pager.querySelector('.next').addEventListener('click', () => {
       if (state.next) { state.after = state.next; refresh(); }
     });
+  }
+  for (const button of document.querySelectorAll('.redrive-all')) {
+    button.addEventListener('click', () => redriveAll(button.dataset.status, button));
   }
   $('lookup').addEventListener('submit', (event) => {
     event.preventDefault();

@@ -188,6 +188,11 @@ pub(crate) fn expect_text(expect: &Option<Vec<String>>) -> Option<String> {
 }
 
 /// `SELECT <every message column> FROM messages <rest>`, as a literal (sqlx wants static SQL).
+/// Every column of `messages`, in [`RawMessage`]'s order (a `RETURNING` list uses it too).
+const MESSAGE_COLUMNS: &str = "message_id, producer, routing_key, business_key, expect, status, attempt, \
+     scheduled_attempt, resend_count, next_check_at, last_error, published_at, first_failure_at, \
+     created_at, updated_at";
+
 macro_rules! select_messages {
     ($rest:literal) => {
         concat!(

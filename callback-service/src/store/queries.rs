@@ -143,6 +143,28 @@ impl Store {
         self.get(message_id).await
     }
 
+    /// Up to `limit` ids of `status` rows (failed or rejected) that a redrive can take (they have
+    /// seen their CHECK), of `producer` if given, changed at or after `since` (ms); oldest first.
+    pub async fn redrivable(
+        &self,
+        status: Status,
+        producer: Option<&str>,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT message_id FROM messages
+             WHERE status = $1 AND producer <> '' AND ($2 = '' OR producer = $2) AND updated_at >= $3
+             ORDER BY updated_at, message_id LIMIT $4",
+        )
+        .bind(status.as_str())
+        .bind(producer.unwrap_or_default())
+        .bind(since)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Row counts per status (every status, zeros included), and of the open ones how many
     /// still wait for their CHECK (known only from confirms), in one scan.
     pub async fn counts(&self) -> Result<Counts> {

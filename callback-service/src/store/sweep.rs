@@ -5,6 +5,12 @@ use sqlx::AssertSqlSafe;
 
 use super::{CHUNK_ROWS, MessageRow, RawMessage, Result, Store, message_from, placeholders};
 
+/// The one value a claim's condition binds (`$2`).
+enum Bind<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
 impl Store {
     /// Claims up to `limit` open rows whose check was due before `overdue_before` (their CHECK
     /// was lost or parked) by moving their `next_check_at` to `until`, and returns them: the
@@ -17,24 +23,48 @@ impl Store {
         until: i64,
         limit: usize,
     ) -> Result<Vec<MessageRow>> {
+        self.claim_open(
+            "AND next_check_at > 0 AND next_check_at < $2",
+            Bind::Int(overdue_before),
+            until,
+            limit,
+        )
+        .await
+    }
+
+    /// Claims up to `limit` open rows of `producer` whatever their due time (moving it to
+    /// `until`) and returns them, for their CHECKs to be published now: an operator's "check now"
+    /// after an outage. Soonest due first.
+    pub async fn claim_producer(&self, producer: &str, until: i64, limit: usize) -> Result<Vec<MessageRow>> {
+        self.claim_open("AND producer = $2", Bind::Text(producer), until, limit).await
+    }
+
+    /// The claim both share: one `UPDATE … WHERE message_id IN (SELECT … LIMIT)` that repeats its
+    /// condition outside the subquery, so a row another instance moved meanwhile is skipped.
+    async fn claim_open(
+        &self,
+        condition: &str,
+        value: Bind<'_>,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<MessageRow>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let raws: Vec<RawMessage> = sqlx::query_as(concat!(
+        let open = "status IN ('pending', 'resent') AND producer <> ''";
+        let sql = format!(
             "UPDATE messages SET next_check_at = $1
              WHERE message_id IN (
-                 SELECT message_id FROM messages
-                 WHERE status IN ('pending', 'resent') AND next_check_at > 0 AND next_check_at < $2
-                     AND producer <> ''
+                 SELECT message_id FROM messages WHERE {open} {condition}
                  ORDER BY next_check_at LIMIT $3)
-               AND status IN ('pending', 'resent') AND next_check_at > 0 AND next_check_at < $2
-             RETURNING message_id, producer, routing_key, business_key, expect, status, attempt, ",
-            "scheduled_attempt, resend_count, next_check_at, last_error, published_at, first_failure_at, ",
-            "created_at, updated_at"
-        ))
-        .bind(until)
-        .bind(overdue_before)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+               AND {open} {condition}
+             RETURNING {}",
+            super::MESSAGE_COLUMNS
+        );
+        let query = sqlx::query_as::<_, RawMessage>(AssertSqlSafe(sql)).bind(until);
+        let query = match value {
+            Bind::Int(v) => query.bind(v),
+            Bind::Text(v) => query.bind(v),
+        };
+        let raws = query.bind(limit).fetch_all(&self.pool).await?;
         self.committed();
         raws.into_iter().map(message_from).collect()
     }
