@@ -1,6 +1,9 @@
 //! Property tests of the wire v1 decoders: whatever the bytes, `decode` returns
 //! (never panics); every valid batch survives encode → decode unchanged; the
 //! size and id limits hold exactly at their boundary.
+//!
+//! 256 cases a property in `scripts/test`; `scripts/fuzz` runs them with `PROPTEST_CASES` in the
+//! millions (proptest's default config reads it).
 
 use lapin::{
     BasicProperties,
@@ -177,7 +180,7 @@ fn amqp_value() -> impl Strategy<Value = AMQPValue> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::default())]
 
     #[test]
     fn arbitrary_bytes_never_panic(
