@@ -387,26 +387,9 @@ async fn inject(
         Fault::ConsumerDown => bounce(deployment, deployment.consumer_role(SHIPPING)?, outage).await?,
         Fault::CallbackKilled => bounce(deployment, Role::Callback(0), outage).await?,
         Fault::ProducerKilled => bounce(deployment, Role::Upstream, outage).await?,
-        Fault::HookDown => {
-            let proxy = proxies.hook.context("no proxy in front of the hook")?;
-            proxy.refuse(true);
-            proxy.cut();
-            sleep(outage).await;
-            proxy.refuse(false);
-        }
-        Fault::HookHangs => {
-            let proxy = proxies.hook.context("no proxy in front of the hook")?;
-            proxy.stall();
-            sleep(outage).await;
-            proxy.resume();
-        }
-        Fault::StoreDown => {
-            let proxy = proxies.store.context("no proxy in front of the store")?;
-            proxy.refuse(true);
-            proxy.cut();
-            sleep(outage).await;
-            proxy.refuse(false);
-        }
+        Fault::HookDown => refused(proxies.hook.context("no proxy in front of the hook")?, outage).await,
+        Fault::HookHangs => stalled(proxies.hook.context("no proxy in front of the hook")?, outage).await,
+        Fault::StoreDown => refused(proxies.store.context("no proxy in front of the store")?, outage).await,
         Fault::BrokerRestart => {
             broker.rabbit.stop_app().await?;
             sleep(outage).await;
@@ -419,10 +402,7 @@ async fn inject(
         }
         Fault::ConnectionsCut => proxies.amqp.context("no proxy in front of the broker")?.cut(),
         Fault::ConnectionsStalled => {
-            let proxy = proxies.amqp.context("no proxy in front of the broker")?;
-            proxy.stall();
-            sleep(outage).await;
-            proxy.resume();
+            stalled(proxies.amqp.context("no proxy in front of the broker")?, outage).await
         }
         Fault::NodeKilled => {
             // Every service connects to the first address first.
@@ -433,6 +413,21 @@ async fn inject(
         }
     }
     Ok(())
+}
+
+/// A down endpoint for `outage`: live connections reset, new ones refused.
+async fn refused(proxy: &FaultProxy, outage: Duration) {
+    proxy.refuse(true);
+    proxy.cut();
+    sleep(outage).await;
+    proxy.refuse(false);
+}
+
+/// A black hole for `outage`: connections stay open, no byte goes through.
+async fn stalled(proxy: &FaultProxy, outage: Duration) {
+    proxy.stall();
+    sleep(outage).await;
+    proxy.resume();
 }
 
 /// kill -9, a pause, start again.

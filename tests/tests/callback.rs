@@ -2,6 +2,7 @@
 //! PostgreSQL), a producer hook over gRPC that counts its calls per
 //! (message, attempt), and the SDK's consumer.
 
+#[macro_use]
 mod common;
 #[path = "callback/harness.rs"]
 mod harness;
@@ -18,27 +19,6 @@ use uuid::Uuid;
 use common::{Drain, wait_for};
 
 const SOON: Duration = Duration::from_secs(30);
-
-/// Runs a scenario once on SQLite and once on PostgreSQL, as two tests.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
-                super::$name(&url).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
-                super::$name(&db.url).await;
-            })*
-        }
-    };
-}
 
 on_both_stores!(
     confirmed_before_the_check_needs_no_rpc,

@@ -4,6 +4,7 @@
 //! - a check whose CHECK never comes back (lost, or parked after it was recorded) is republished
 //!   by the sweeper, and the message is reconciled.
 
+#[macro_use]
 mod common;
 #[path = "callback/harness.rs"]
 #[allow(dead_code)] // the callback suite uses the rest of it
@@ -68,26 +69,6 @@ async fn a_store_failing_every_statement_is_waited_out_in_place_and_nothing_is_p
     }
     assert_eq!(common::depth(&channel, "recheck.parking").await, 0, "nothing parked after it");
     env.shutdown().await;
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
-                super::$name(&url).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
-                super::$name(&db.url).await;
-            })*
-        }
-    };
 }
 
 on_both_stores!(

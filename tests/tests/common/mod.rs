@@ -121,3 +121,25 @@ pub async fn depth(channel: &Channel, queue: &str) -> u32 {
     let options = lapin::options::QueueDeclareOptions::durable().passive();
     channel.queue_declare(queue.into(), options, FieldTable::default()).await.unwrap().message_count()
 }
+
+/// Runs a scenario once on SQLite and once on PostgreSQL, as two tests (`super::NAME(&url)`).
+#[allow(unused_macros)] // each suite that uses it brings `#[macro_use] mod common;`
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
+                super::$name(&url).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+                super::$name(&db.url).await;
+            })*
+        }
+    };
+}
