@@ -127,6 +127,17 @@ pub async fn recheck(
     Ok(Bulk { ids: rows.into_iter().map(|r| r.message_id).collect(), more })
 }
 
+/// Most messages one `ListMessages` page holds.
+pub const MAX_PAGE: u32 = 1_000;
+
+/// A request's message id must be a UUID (any version): anything else is the caller's mistake,
+/// not an unknown message.
+fn message_id(id: &str) -> Result<(), GrpcStatus> {
+    uuid::Uuid::parse_str(id)
+        .map(|_| ())
+        .map_err(|_| GrpcStatus::invalid_argument(format!("message_id {id:?} is not a UUID")))
+}
+
 /// A bulk request's limit: 0 is the default, above [`MAX_BULK`] is refused.
 fn bulk_limit(limit: u32) -> Result<u32, GrpcStatus> {
     match limit {
@@ -190,6 +201,7 @@ impl admin_server::Admin for AdminService {
         request: Request<GetMessageRequest>,
     ) -> Result<Response<GetMessageResponse>, GrpcStatus> {
         let id = &request.get_ref().message_id;
+        message_id(id)?;
         let (row, confirms, history) = self
             .store
             .details(id)
@@ -225,11 +237,23 @@ impl admin_server::Admin for AdminService {
         request: Request<ListMessagesRequest>,
     ) -> Result<Response<ListMessagesResponse>, GrpcStatus> {
         let req = request.into_inner();
-        let status = match req.status() {
-            pb::MessageStatus::Unspecified => None,
-            s => Some(status_from_pb(s).ok_or_else(|| GrpcStatus::invalid_argument("unknown status"))?),
+        let status = match pb::MessageStatus::try_from(req.status) {
+            Ok(pb::MessageStatus::Unspecified) => None,
+            Ok(s) => status_from_pb(s),
+            Err(_) => {
+                return Err(GrpcStatus::invalid_argument(format!(
+                    "status {} is not a MessageStatus",
+                    req.status
+                )));
+            }
         };
-        let page_size = if req.page_size == 0 { 100 } else { req.page_size };
+        let page_size = match req.page_size {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(GrpcStatus::invalid_argument(format!("page_size {n} is over {MAX_PAGE}")));
+            }
+            n => n,
+        };
         let (rows, next) = self.store.list(status, page_size, &req.page_token).await.map_err(internal)?;
         Ok(Response::new(ListMessagesResponse {
             messages: rows.into_iter().map(message_to_pb).collect(),
@@ -243,6 +267,7 @@ impl admin_server::Admin for AdminService {
         request: Request<RedriveRequest>,
     ) -> Result<Response<RedriveResponse>, GrpcStatus> {
         let id = &request.get_ref().message_id;
+        message_id(id)?;
         let row = redrive(&self.store, &self.publisher, &self.topology, id).await.map_err(|e| match e {
             RedriveError::NotRedrivable(_) => GrpcStatus::failed_precondition(e.to_string()),
             e => internal(e),
