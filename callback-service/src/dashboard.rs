@@ -56,12 +56,22 @@ pub struct Dashboard {
     publisher: Publisher,
     topology: Topology,
     auth: BearerAuth,
+    /// Sign-in attempts, all clients together: a guessed token costs a minute per few tries.
+    sign_ins: Arc<governor::DefaultDirectRateLimiter>,
 }
+
+/// Sign-in attempts allowed: a burst of this many, then one every [`SIGN_IN_PERIOD`].
+pub const SIGN_IN_BURST: u32 = 5;
+pub const SIGN_IN_PERIOD: std::time::Duration = std::time::Duration::from_secs(12);
 
 impl Dashboard {
     /// `auth` with no tokens = open, like the Admin API without `RECHECK_ADMIN_TOKENS`.
     pub fn new(store: Arc<Store>, publisher: Publisher, topology: Topology, auth: BearerAuth) -> Self {
-        Self { store, publisher, topology, auth }
+        let quota = governor::Quota::with_period(SIGN_IN_PERIOD)
+            .expect("a non-zero period")
+            .allow_burst(std::num::NonZeroU32::new(SIGN_IN_BURST).expect("a non-zero burst"));
+        let sign_ins = Arc::new(governor::RateLimiter::direct(quota));
+        Self { store, publisher, topology, auth, sign_ins }
     }
 
     /// `/dashboard` (page, sign-in, sign-out, assets) and `/api/...`, to mount on the ops server.
@@ -172,6 +182,19 @@ struct SignIn {
 }
 
 async fn login(State(d): State<Dashboard>, headers: HeaderMap, Form(form): Form<SignIn>) -> Response {
+    // Before the token is even compared: a guess over the limit learns nothing.
+    if let Err(not_until) = d.sign_ins.check() {
+        let wait =
+            not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+        tracing::warn!(?wait, "dashboard sign-in refused: too many attempts");
+        let retry_after = wait.as_secs().max(1).to_string();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry_after)],
+            "too many sign-in attempts",
+        )
+            .into_response();
+    }
     if !d.auth.accepts(&form.token) {
         tracing::warn!("dashboard sign-in with a wrong token");
         let page = LOGIN.replace(r#"<p class="error" hidden>"#, r#"<p class="error">"#);

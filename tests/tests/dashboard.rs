@@ -124,6 +124,26 @@ async fn api_and_auth_on_sqlite() {
     api_and_auth(&format!("sqlite://{}/callback.db?mode=rwc", dir.path().display())).await;
 }
 
+/// Guessing the token is rate-limited (governor, all clients together): after the burst, even
+/// the right token gets 429 with a Retry-After, so a guess costs about the period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_guesses_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = start(&format!("sqlite://{}/callback.db?mode=rwc", dir.path().display())).await;
+    let ops = env.ops_addrs[0];
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let burst = callback_service::dashboard::SIGN_IN_BURST;
+    for guess in 0..burst {
+        let refused = http(ops, "POST", "/dashboard/login", &form, &format!("token=guess-{guess}")).await;
+        assert_eq!(refused.status, 401, "guess {guess} within the burst is answered");
+    }
+    let limited = http(ops, "POST", "/dashboard/login", &form, &format!("token={TOKEN}")).await;
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    let retry_after = limited.header("retry-after").expect("a Retry-After header");
+    assert!(retry_after.parse::<u64>().is_ok_and(|s| s >= 1), "{retry_after}");
+    env.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_auth_on_postgres() {
     let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
