@@ -46,8 +46,11 @@ pub enum Applied {
     Rejected(String),
 }
 
-/// A transient failure: the batch's transaction rolls back and the message is
-/// redelivered (parked by the queue's delivery limit if it keeps failing).
+/// A transient failure: the batch's transaction rolls back and the message is nacked back to the
+/// queue for redelivery (the rest of the batch is redone without it). Before RabbitMQ 4.3 each
+/// requeue counts toward the queue's delivery limit, which parks a message that keeps failing;
+/// from 4.3 it does not (see [`crate::retry`]), so a failure that will never pass is
+/// [`Applied::Rejected`], not `Transient`.
 #[derive(Debug)]
 pub struct Transient(pub BoxError);
 
