@@ -2,12 +2,16 @@
 //! stores in a directory) — the callback service, upstream-demo and two consumers,
 //! `points` and `shipping`, every order expecting both — `upstream-demo load` with
 //! faults, then the combined report ([`report`]). `scripts/demo` runs it big from
-//! release binaries (through `bin/demo.rs`); the `demo_flow` suite runs it small
-//! from debug binaries.
+//! release binaries (through `bin/demo.rs`, which can also keep the services running
+//! afterwards: [`keep`]); the `demo_flow` suite runs it small from debug binaries.
 
+pub mod keep;
+pub mod progress;
 mod report;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -15,8 +19,10 @@ use serde_json::Value;
 use tokio::process::Command;
 
 use crate::Rabbit;
-use crate::deploy::{ConsumerFaults, ConsumerSpec, DeployOptions, Deployment, LoadOptions, Verdict};
+use crate::deploy::{ConsumerFaults, ConsumerSpec, DeployOptions, Deployment, LoadOptions, Role, Verdict};
 use crate::faults::{POINTS, SHIPPING};
+pub use keep::KeepInfo;
+pub use progress::Progress;
 
 /// Everything the demo can be asked to do.
 #[derive(Debug, Clone, clap::Args)]
@@ -71,14 +77,24 @@ pub struct DemoOptions {
 }
 
 /// The combined report: what was injected, the load generator's report, each consumer's
-/// `stats`, and the verdict from the stores.
+/// `stats`, what the services counted, and the verdict from the stores. `--json` prints it as
+/// is; [`std::fmt::Display`] is the table a person reads.
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
     pub orders: u64,
+    /// Wall-clock seconds from starting the services to the verdict.
+    pub seconds: f64,
     pub faults: Injected,
+    /// Checks of a lagging consumer were deferred (not `--no-deferral`).
+    pub deferral: bool,
+    /// `upstream-demo load --json`.
     pub load: Value,
     /// `downstream-demo stats --json` of each consumer, in deployment order.
     pub consumers: Vec<Value>,
+    /// What the services' `/metrics` counted; `None` when a scrape failed
+    /// (`observed_error` says why).
+    pub observed: Option<Observed>,
+    pub observed_error: Option<String>,
     pub verdict: Verdict,
     /// The larger of the load's and the verdict's counts: both must be 0.
     pub lost: u64,
@@ -100,6 +116,55 @@ pub struct Injected {
     pub slow_ms: u64,
 }
 
+/// The services' own counts over the run, from their `/metrics`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Observed {
+    /// Due checks by decision (`recheck_checks_total{result}`), zeros left out.
+    pub checks: BTreeMap<String, u64>,
+    /// Checks re-checked later without a resend, by reason (`recheck_checks_deferred_total`).
+    pub checks_deferred: BTreeMap<String, u64>,
+    /// Per consumer, in deployment order: deliveries whose transaction failed and that were
+    /// nacked for redelivery (`recheck_consumer_messages_total{outcome="retried"}`).
+    pub retried: Vec<ConsumerCount>,
+}
+
+/// One number of one consumer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerCount {
+    pub consumer: String,
+    pub count: u64,
+}
+
+/// `recheck_checks_total`'s and `recheck_checks_deferred_total`'s label values (docs/operations.md).
+const CHECK_RESULTS: [&str; 9] =
+    ["done", "confirmed", "resent", "retry", "void", "failed", "deferred", "watch", "takeover"];
+const DEFER_REASONS: [&str; 2] = ["backlog", "circuit"];
+
+impl Observed {
+    /// Scrapes the first callback instance and every consumer.
+    async fn scrape(deployment: &Deployment) -> Result<Self> {
+        let callback = deployment.scrape(Role::Callback(0)).await?;
+        let by = |name: &str, label: &str, values: &[&str]| -> BTreeMap<String, u64> {
+            values
+                .iter()
+                .map(|v| (v.to_string(), callback.sum(name, &[(label, v)]) as u64))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        };
+        let mut retried = Vec::new();
+        for (i, c) in deployment.consumers.iter().enumerate() {
+            let metrics = deployment.scrape(Role::Consumer(i)).await?;
+            let count = metrics.sum("recheck_consumer_messages_total", &[("outcome", "retried")]);
+            retried.push(ConsumerCount { consumer: c.name.clone(), count: count as u64 });
+        }
+        Ok(Self {
+            checks: by("recheck_checks_total", "result", &CHECK_RESULTS),
+            checks_deferred: by("recheck_checks_deferred_total", "reason", &DEFER_REASONS),
+            retried,
+        })
+    }
+}
+
 impl DemoReport {
     /// A number from the load generator's report (0 if absent).
     pub fn field(&self, name: &str) -> u64 {
@@ -112,8 +177,32 @@ impl DemoReport {
     }
 }
 
-/// Runs the whole flow against `rabbit` with the binaries in `bin_dir`.
+/// Runs the whole flow against `rabbit` with the binaries in `bin_dir`, and stops the services.
 pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<DemoReport> {
+    let finished = run_and_keep(rabbit, bin_dir, opts, &Progress::hidden()).await?;
+    finished.deployment.stop().await?;
+    Ok(finished.report)
+}
+
+/// A run whose services are still up: the report, and the deployment to look at or stop.
+pub struct Finished {
+    pub report: DemoReport,
+    pub deployment: Deployment,
+    /// The vhost the services use.
+    pub amqp_url: String,
+}
+
+/// The whole flow, reporting each step to `progress`; the services are left running (the
+/// caller stops them: [`Deployment::stop`]).
+pub async fn run_and_keep(
+    rabbit: &Rabbit,
+    bin_dir: &Path,
+    opts: &DemoOptions,
+    progress: &Progress,
+) -> Result<Finished> {
+    let started = Instant::now();
+    let names = format!("{POINTS} and {SHIPPING}");
+    progress.start(format!("starting callback-service, upstream-demo and the consumers {names}"));
     let vhost = rabbit.fresh_vhost().await?;
     // Rejections are decided by message id, so both consumers reject the same orders.
     let faults = ConsumerFaults {
@@ -144,8 +233,14 @@ pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<
         wait: opts.wait.clone(),
         ..LoadOptions::new(opts.orders)
     };
+    // upstream-demo draws its own bars (orders created, messages settled) on a terminal.
+    progress.hand_over(format!(
+        "upstream-demo load: {} orders with faults, then every message settled",
+        crate::bench::report::count(opts.orders as f64)
+    ));
     let load = deployment.load(&load).await?;
 
+    progress.start("reading the stores and the services' metrics");
     let mut consumers = Vec::new();
     for c in &deployment.consumers {
         let stats = Command::new(bin_dir.join("downstream-demo"))
@@ -157,13 +252,18 @@ pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<
         anyhow::ensure!(stats.status.success(), "downstream-demo stats failed for {}", c.name);
         consumers.push(serde_json::from_slice(&stats.stdout).context("reading the consumer stats")?);
     }
+    let (observed, observed_error) = match Observed::scrape(&deployment).await {
+        Ok(observed) => (Some(observed), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let verdict = deployment.verdict().await?;
-    deployment.stop().await?;
+    progress.done();
 
     let lost = load.get("lost").and_then(Value::as_u64).context("the load report has no `lost`")?;
     let exactly_once = verdict.exactly_once().err().map(|e| format!("{e:#}"));
-    Ok(DemoReport {
+    let report = DemoReport {
         orders: opts.orders,
+        seconds: started.elapsed().as_secs_f64(),
         faults: Injected {
             skip_publish_rate: opts.skip_publish_rate,
             abort_after_check_rate: opts.abort_after_check_rate,
@@ -173,13 +273,17 @@ pub async fn run(rabbit: &Rabbit, bin_dir: &Path, opts: &DemoOptions) -> Result<
             drop_message_rate: opts.drop_message_rate,
             slow_ms: opts.slow_ms,
         },
+        deferral: !opts.no_deferral,
         lost: lost.max(verdict.lost),
         exactly_once: exactly_once.is_none(),
         exactly_once_error: exactly_once,
         load,
         consumers,
+        observed,
+        observed_error,
         verdict,
-    })
+    };
+    Ok(Finished { report, deployment, amqp_url: vhost.url.clone() })
 }
 
 /// Where the workspace binaries are, seen from a running test or tool binary
