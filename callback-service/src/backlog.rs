@@ -16,6 +16,10 @@ use recheck::Publisher;
 const FRESH: Duration = Duration::from_secs(1);
 /// Longest wait for one depth probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a queue seen behind still counts as behind once its ready count is back under the
+/// threshold: the ready count does not show what its consumers hold unacked (a prefetch of 256
+/// drains in a second or two), and a check of one of those would resend what is being processed.
+const CAUGHT_UP_HOLD: Duration = Duration::from_secs(5);
 
 pub struct Backlog {
     publisher: Publisher,
@@ -25,11 +29,20 @@ pub struct Backlog {
     threshold: u32,
     channel: tokio::sync::Mutex<Option<Channel>>,
     depths: Mutex<HashMap<String, (Instant, u32)>>,
+    /// When each queue was last seen over the threshold.
+    last_behind: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
 impl Backlog {
     pub fn new(publisher: Publisher, queues: HashMap<String, String>, threshold: u32) -> Self {
-        Self { publisher, queues, threshold, channel: Default::default(), depths: Default::default() }
+        Self {
+            publisher,
+            queues,
+            threshold,
+            channel: Default::default(),
+            depths: Default::default(),
+            last_behind: Default::default(),
+        }
     }
 
     /// The deepest backlog among the queues of `expect` (every configured
@@ -41,12 +54,23 @@ impl Backlog {
         };
         let mut worst: Option<(String, u32)> = None;
         for queue in queues {
-            let depth = self.depth(queue).await;
-            if depth > self.threshold && worst.as_ref().is_none_or(|(_, d)| depth > *d) {
+            let Some(depth) = self.behind_by(queue, self.depth(queue).await) else { continue };
+            if worst.as_ref().is_none_or(|(_, d)| depth > *d) {
                 worst = Some((queue.clone(), depth));
             }
         }
         worst
+    }
+
+    /// `depth` if the queue is behind now, or was within [`CAUGHT_UP_HOLD`] (then the depth it
+    /// had); `None` once it has kept up that long.
+    fn behind_by(&self, queue: &str, depth: u32) -> Option<u32> {
+        let mut last = self.last_behind.lock().expect("last_behind lock");
+        if depth > self.threshold {
+            last.insert(queue.to_owned(), (Instant::now(), depth));
+            return Some(depth);
+        }
+        last.get(queue).filter(|(at, _)| at.elapsed() < CAUGHT_UP_HOLD).map(|(_, d)| *d)
     }
 
     /// Ready messages in `queue`; 0 when it cannot be measured (never defer blind).

@@ -164,7 +164,8 @@ impl Store {
     }
 
     /// The row was settled during the RPC (typically by the confirm of this very resend): a
-    /// resend still happened and counts, the status stays; other outcomes change nothing.
+    /// resend still happened, so it counts and its history row is written (the timeline and the
+    /// resend rate show it), and the status stays; other outcomes change nothing.
     async fn finish_settled(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Any>,
@@ -176,15 +177,34 @@ impl Store {
         if !matches!(outcome, AttemptOutcome::Resent { .. }) {
             return Ok(false);
         }
-        sqlx::query(
+        // As it stands now: what settled it may have committed after our first read.
+        let row = fetch(&mut tx, message_id).await?;
+        let done = sqlx::query(
             "UPDATE messages SET resend_count = resend_count + 1, scheduled_attempt = $1, updated_at = $2
              WHERE message_id = $3 AND attempt = $1",
         )
         .bind(i64::from(attempt))
         .bind(now)
-        .bind(message_id)
+        .bind(&row.message_id)
         .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 1 {
+            let reason = format!(
+                "resend #{} ({} meanwhile: its status stays)",
+                row.resend_count + 1,
+                row.status.as_str()
+            );
+            record_transition(
+                &mut tx,
+                &row.message_id,
+                Some(row.status),
+                Status::Resent,
+                attempt,
+                &reason,
+                now,
+            )
+            .await?;
+        }
         tx.commit().await?;
         self.committed();
         Ok(true)

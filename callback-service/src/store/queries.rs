@@ -244,8 +244,9 @@ impl Store {
         Ok(buckets.into_iter().map(|(b, (c, r))| (b * bucket_ms, c, r)).collect())
     }
 
-    /// The reason of each message's latest history row (why it is where it is: a failure's
-    /// cause, a rejection's detail), for the given ids.
+    /// The reason of each message's latest history row into its current status (why it is where
+    /// it is: a failure's cause, a rejection's detail; a resend recorded after the message was
+    /// settled does not count), for the given ids.
     pub async fn latest_reasons(&self, message_ids: &[&str]) -> Result<HashMap<String, String>> {
         if message_ids.is_empty() {
             return Ok(HashMap::new());
@@ -253,7 +254,9 @@ impl Store {
         let binds = super::placeholders(message_ids.len(), 1);
         let sql = format!(
             "SELECT message_id, reason FROM history WHERE id IN
-             (SELECT MAX(id) FROM history WHERE message_id IN ({binds}) GROUP BY message_id)"
+             (SELECT MAX(h.id) FROM history h JOIN messages m
+                  ON m.message_id = h.message_id AND m.status = h.to_status
+              WHERE h.message_id IN ({binds}) GROUP BY h.message_id)"
         );
         let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
         for id in message_ids {
