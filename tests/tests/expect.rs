@@ -126,9 +126,12 @@ async fn admin(env: &Env) -> pb::admin_client::AdminClient<tonic::transport::Cha
     pb::admin_client::AdminClient::connect(format!("http://{}", env.admin_addrs[0])).await.unwrap()
 }
 
+/// Why the message is where it is: the reason of its latest history row into its current status
+/// (a resend recorded after the message was settled, during its RPC, comes later and does not
+/// count).
 async fn last_reason(env: &Env, id: Uuid) -> String {
-    let history = env.store.details(&id.to_string()).await.unwrap().unwrap().2;
-    history.last().map(|t| t.reason.clone()).unwrap_or_default()
+    let id = id.to_string();
+    env.store.latest_reasons(&[id.as_str()]).await.unwrap().remove(&id).unwrap_or_default()
 }
 
 /// Both expected consumers answer before the CHECK: the CHECK confirms, with no RPC. Until then
