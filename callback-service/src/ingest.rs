@@ -64,13 +64,17 @@ impl ConfirmIngest {
     #[tracing::instrument(skip_all, fields(n = deliveries.len()))]
     pub async fn ingest(&self, deliveries: Vec<Delivery>, shutdown: &CancellationToken) -> IngestReport {
         let queue = self.topology.confirms_queue();
-        let mut good: Vec<(Delivery, Vec<(String, Confirm)>)> = Vec::with_capacity(deliveries.len());
+        // One flat list for the batch's transaction; each delivery keeps its range of it, for
+        // the one-by-one fallback.
+        let mut all: Vec<(String, Confirm)> = Vec::new();
+        let mut good: Vec<(Delivery, std::ops::Range<usize>)> = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             self.counters.messages.fetch_add(1, Ordering::Relaxed);
             match self.decode(&d) {
                 Ok(batch) => {
-                    let confirms = batch.confirms.into_iter().map(|c| (batch.consumer.clone(), c)).collect();
-                    good.push((d, confirms));
+                    let start = all.len();
+                    all.extend(batch.confirms.into_iter().map(|c| (batch.consumer.clone(), c)));
+                    good.push((d, start..all.len()));
                 }
                 Err(e) => {
                     if park_and_ack(&self.publisher, &self.topology, &queue, &d, &e).await {
@@ -82,7 +86,6 @@ impl ConfirmIngest {
         if good.is_empty() {
             return IngestReport::default();
         }
-        let all: Vec<(String, Confirm)> = good.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
         match retry::until_settled(&queue, shutdown, || self.store(&all)).await {
             Settled::Done(report) => {
                 let last = good.iter().map(|(d, _)| d).max_by_key(|d| d.delivery_tag).expect("not empty");
@@ -98,8 +101,8 @@ impl ConfirmIngest {
             Settled::Poison(e) => {
                 tracing::warn!(error = %e, "confirm batch refused by the store; storing its messages one by one");
                 let mut total = IngestReport::default();
-                for (d, confirms) in &good {
-                    match retry::until_settled(&queue, shutdown, || self.store(confirms)).await {
+                for (d, range) in &good {
+                    match retry::until_settled(&queue, shutdown, || self.store(&all[range.clone()])).await {
                         Settled::Done(report) => {
                             total += report;
                             settle_acked(subscription::ack(d, false).await);
