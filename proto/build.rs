@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let fds = protox::compile(files, ["."])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // A method added to a service later (ResendHook/ResendBatch) answers UNIMPLEMENTED in a
+    // server that does not implement it, so adding one is additive for Rust servers too.
+    tonic_prost_build::configure().generate_default_stubs(true).compile_fds(fds)?;
     Ok(())
 }

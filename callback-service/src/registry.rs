@@ -13,15 +13,14 @@
 //! `RECHECK_TLS_CLIENT_CERT` for hooks that require a client certificate); `TOKEN` is separated
 //! by whitespace and may not contain whitespace or commas.
 
+mod client;
+
 use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr, time::Duration};
 
+pub use client::ProducerClient;
 use recheck::tls::ClientTls;
-use recheck_proto::v1::{ResendRequest, ResendResponse, resend_hook_client::ResendHookClient};
-use tonic::{
-    Status,
-    metadata::AsciiMetadataValue,
-    transport::{Channel, Endpoint},
-};
+use recheck_proto::v1::resend_hook_client::ResendHookClient;
+use tonic::transport::Endpoint;
 
 use crate::Config;
 
@@ -154,12 +153,8 @@ impl ProducerRegistry {
                 entry.token.as_deref().map(recheck::auth::bearer_value).transpose().map_err(|_| {
                     RegistryError::Malformed { entry: entry.name.clone(), reason: "invalid token".into() }
                 })?;
-            let client = ProducerClient {
-                producer: entry.name.clone(),
-                url: entry.url,
-                hook: ResendHookClient::new(endpoint.connect_lazy()),
-                authorization,
-            };
+            let hook = ResendHookClient::new(endpoint.connect_lazy());
+            let client = ProducerClient::new(entry.name.clone(), entry.url, hook, authorization);
             clients.insert(entry.name, client);
         }
         Ok(ProducerRegistry { clients })
@@ -184,73 +179,6 @@ impl ProducerRegistry {
     }
 }
 
-/// A producer's `recheck.v1.ResendHook` client. Cloning shares the channel.
-#[derive(Clone)]
-pub struct ProducerClient {
-    producer: String,
-    url: String,
-    hook: ResendHookClient<Channel>,
-    authorization: Option<AsciiMetadataValue>,
-}
-
-impl fmt::Debug for ProducerClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProducerClient")
-            .field("producer", &self.producer)
-            .field("url", &self.url)
-            .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-impl ProducerClient {
-    pub fn producer(&self) -> &str {
-        &self.producer
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// Calls `Resend`, bounded by `deadline` both on the wire (`grpc-timeout`) and locally
-    /// (connecting and waiting for a concurrency slot count too): past it,
-    /// `Status::deadline_exceeded`.
-    pub async fn resend(&self, req: ResendRequest, deadline: Duration) -> Result<ResendResponse, Status> {
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(deadline);
-        if let Some(authorization) = &self.authorization {
-            request.metadata_mut().insert("authorization", authorization.clone());
-        }
-        // The caller's span (a check's `reconcile`) continues in the producer's hook.
-        recheck::trace::inject_metadata(request.metadata_mut());
-        let mut hook = self.hook.clone();
-        let elapsed = || {
-            Status::deadline_exceeded(format!(
-                "producer {} ({}) did not answer within {deadline:?}",
-                self.producer, self.url
-            ))
-        };
-        match tokio::time::timeout(deadline, hook.resend(request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            // tonic's own `grpc-timeout` enforcement reports `Cancelled`; it is the same deadline.
-            Ok(Err(status)) if is_timeout(&status) => Err(elapsed()),
-            Ok(Err(status)) => Err(status),
-            Err(_) => Err(elapsed()),
-        }
-    }
-}
-
-fn is_timeout(status: &Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        if e.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
 /// The entry as written, minus its token, for error messages.
 fn redact(entry: &str) -> String {
     let entry = entry.trim();
@@ -267,11 +195,6 @@ fn redact(entry: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-
-    use recheck_proto::v1::{ResendOutcome, resend_hook_server};
-    use tokio_stream::wrappers::TcpListenerStream;
-
     use super::*;
 
     fn entry(s: &str) -> Result<ProducerEntry, RegistryError> {
@@ -334,59 +257,5 @@ mod tests {
 
         config.producers_file = Some(dir.path().join("missing"));
         assert!(matches!(ProducerRegistry::from_config(&config), Err(RegistryError::Read { .. })));
-    }
-
-    /// Answers `RESENT` with the `authorization` header as the reason, after `delay`.
-    struct Hook {
-        delay: Duration,
-    }
-
-    #[tonic::async_trait]
-    impl resend_hook_server::ResendHook for Hook {
-        async fn resend(
-            &self,
-            request: tonic::Request<ResendRequest>,
-        ) -> Result<tonic::Response<ResendResponse>, Status> {
-            tokio::time::sleep(self.delay).await;
-            let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-            Ok(tonic::Response::new(ResendResponse {
-                outcome: ResendOutcome::Resent as i32,
-                reason: auth.to_owned(),
-            }))
-        }
-    }
-
-    async fn serve(delay: Duration) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(resend_hook_server::ResendHookServer::new(Hook { delay }))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        addr
-    }
-
-    #[tokio::test]
-    async fn resend_sends_the_token_and_honours_the_deadline() {
-        let fast = serve(Duration::ZERO).await;
-        let slow = serve(Duration::from_secs(10)).await;
-        let registry = ProducerRegistry::from_entries(
-            [
-                entry(&format!("fast=http://{fast} t0k")).unwrap(),
-                entry(&format!("slow=http://{slow}")).unwrap(),
-            ],
-            Duration::from_secs(1),
-            4,
-            &ClientTls::default(),
-        )
-        .unwrap();
-        let req = ResendRequest { message_id: "m".into(), producer: "fast".into(), ..Default::default() };
-
-        let r = registry.client("fast").unwrap().resend(req.clone(), Duration::from_secs(5)).await.unwrap();
-        assert_eq!((r.outcome(), r.reason.as_str()), (ResendOutcome::Resent, "Bearer t0k"));
-
-        let e = registry.client("slow").unwrap().resend(req, Duration::from_millis(200)).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
     }
 }

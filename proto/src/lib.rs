@@ -3,7 +3,7 @@
 //! as a diff of `recheck/v1/*.proto`.
 //!
 //! - [`v1::resend_hook_client`] / [`v1::resend_hook_server`]: the hook a producer
-//!   serves (`recheck.v1.ResendHook/Resend`).
+//!   serves (`recheck.v1.ResendHook/Resend` and `ResendBatch`).
 //! - [`v1::admin_client`] / [`v1::admin_server`]: the callback service's operator API.
 //! - [`demo::v1`]: the demo order service's `Orders` API (not part of the contract).
 

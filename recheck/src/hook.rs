@@ -1,10 +1,14 @@
 //! Serving `recheck.v1.ResendHook`: the producer implements [`ResendSource`]
-//! (message id → payload); the SDK republishes and answers with a typed outcome.
+//! (message id → payload); the SDK republishes and answers with a typed outcome, for one id
+//! (`Resend`) or many (`ResendBatch`, in [`batch`]).
 
-use std::{future::Future, sync::Arc, time::Duration};
+mod batch;
 
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
+
+pub use batch::MAX_BATCH_ENTRIES;
 use recheck_proto::v1::{
-    ResendOutcome, ResendRequest, ResendResponse,
+    ResendBatchRequest, ResendBatchResponse, ResendOutcome, ResendRequest, ResendResponse,
     resend_hook_server::{ResendHook, ResendHookServer},
 };
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
@@ -36,6 +40,25 @@ pub trait ResendSource: Send + Sync + 'static {
         message_id: Uuid,
         business_key: &str,
     ) -> impl Future<Output = Result<Lookup, BoxError>> + Send;
+
+    /// Many ids at once (a `ResendBatch` call), each with its `business_key`: the payloads of
+    /// those committed, by id; an id absent from the map is not committed. An `Err` is answered
+    /// RETRY_LATER for every id. The default asks [`Self::load`] for each id in turn; a store
+    /// that can should answer in one query (`SELECT … WHERE message_id IN (…)`).
+    fn load_many(
+        &self,
+        ids: &[(Uuid, String)],
+    ) -> impl Future<Output = Result<HashMap<Uuid, Vec<u8>>, BoxError>> + Send {
+        async move {
+            let mut found = HashMap::with_capacity(ids.len());
+            for (message_id, business_key) in ids {
+                if let Lookup::Found(payload) = self.load(*message_id, business_key).await? {
+                    found.insert(*message_id, payload);
+                }
+            }
+            Ok(found)
+        }
+    }
 }
 
 /// The gRPC service; wrap with [`ResendHookService::into_server`].
@@ -71,30 +94,42 @@ impl<S: ResendSource> ResendHookService<S> {
 
     /// The decision, callable without gRPC.
     pub async fn handle(&self, req: &ResendRequest) -> Result<(ResendOutcome, String), Status> {
-        let message_id = Uuid::parse_str(&req.message_id).map_err(|_| {
-            Status::invalid_argument(format!("message_id {:?} is not a UUID", req.message_id))
-        })?;
-        crate::message::check_routing_key(&req.routing_key)
-            .map_err(|e| Status::invalid_argument(format!("routing_key: {e}")))?;
-        if req.producer != self.producer.name() {
-            return Err(Status::invalid_argument(format!(
-                "this hook serves producer {:?}, not {:?}",
-                self.producer.name(),
-                req.producer
-            )));
-        }
+        let message_id = self.validate(&req.message_id, &req.routing_key, &req.producer)?;
         let payload = match self.source.load(message_id, &req.business_key).await {
             Ok(Lookup::Found(payload)) => payload,
             Ok(Lookup::NotCommitted) => return Ok(self.not_committed(message_id, req.published_at)),
             Err(e) => return Ok((ResendOutcome::RetryLater, format!("lookup failed: {e}"))),
         };
-        match self
-            .producer
-            .publish_business(message_id, &req.routing_key, &req.business_key, &payload, req.attempt)
-            .await
-        {
-            Ok(()) => Ok((ResendOutcome::Resent, String::new())),
-            Err(e) => Ok((ResendOutcome::RetryLater, format!("republish failed: {e}"))),
+        Ok(self.republish(message_id, &req.routing_key, &req.business_key, &payload, req.attempt).await)
+    }
+
+    /// What `Resend` refuses (INVALID_ARGUMENT), and `ResendBatch` for any of its entries.
+    fn validate(&self, message_id: &str, routing_key: &str, producer: &str) -> Result<Uuid, Status> {
+        let id = Uuid::parse_str(message_id)
+            .map_err(|_| Status::invalid_argument(format!("message_id {message_id:?} is not a UUID")))?;
+        crate::message::check_routing_key(routing_key)
+            .map_err(|e| Status::invalid_argument(format!("routing_key: {e}")))?;
+        if producer != self.producer.name() {
+            return Err(Status::invalid_argument(format!(
+                "this hook serves producer {:?}, not {producer:?}",
+                self.producer.name(),
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Publishes a found message again; RESENT once the broker confirmed it.
+    async fn republish(
+        &self,
+        message_id: Uuid,
+        routing_key: &str,
+        business_key: &str,
+        payload: &[u8],
+        attempt: u32,
+    ) -> (ResendOutcome, String) {
+        match self.producer.publish_business(message_id, routing_key, business_key, payload, attempt).await {
+            Ok(()) => (ResendOutcome::Resent, String::new()),
+            Err(e) => (ResendOutcome::RetryLater, format!("republish failed: {e}")),
         }
     }
 
@@ -135,5 +170,13 @@ impl<S: ResendSource> ResendHook for ResendHookService<S> {
         }
         .instrument(span)
         .await
+    }
+
+    async fn resend_batch(
+        &self,
+        request: Request<ResendBatchRequest>,
+    ) -> Result<Response<ResendBatchResponse>, Status> {
+        let results = self.handle_batch(&request.get_ref().entries, request.metadata()).await?;
+        Ok(Response::new(ResendBatchResponse { results }))
     }
 }

@@ -1,11 +1,13 @@
 //! The one lookup Recheck asks of a producer: message id → the payload that was
 //! committed with it. The SDK's `ResendHookService` does the rest (republish with
 //! the same id, typed outcome, grace period for transactions still committing).
-//! [`AuditedHook`] also records every call in `hook_calls`.
+//! [`AuditedHook`] also records every call in `hook_calls` (one row per id of a `ResendBatch`).
+
+use std::collections::HashMap;
 
 use recheck::{BearerAuth, Lookup, ResendHookService, ResendSource, hook::BoxError};
 use recheck_proto::v1::{
-    ResendRequest, ResendResponse,
+    ResendBatchRequest, ResendBatchResponse, ResendRequest, ResendResponse,
     resend_hook_server::{ResendHook, ResendHookServer},
 };
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
@@ -20,6 +22,13 @@ impl ResendSource for Store {
             Some(payload) => Lookup::Found(payload.into_bytes()),
             None => Lookup::NotCommitted,
         })
+    }
+
+    /// A `ResendBatch`'s ids in one `SELECT … IN`.
+    async fn load_many(&self, ids: &[(Uuid, String)]) -> Result<HashMap<Uuid, Vec<u8>>, BoxError> {
+        let ids: Vec<Uuid> = ids.iter().map(|(id, _)| *id).collect();
+        let found = self.payloads(&ids).await?;
+        Ok(found.into_iter().map(|(id, payload)| (id, payload.into_bytes())).collect())
     }
 }
 
@@ -59,5 +68,23 @@ impl ResendHook for AuditedHook {
         }
         .instrument(span)
         .await
+    }
+
+    async fn resend_batch(
+        &self,
+        request: Request<ResendBatchRequest>,
+    ) -> Result<Response<ResendBatchResponse>, Status> {
+        // Each entry's span and log line are the SDK's (one `resend` span per id).
+        let entries = &request.get_ref().entries;
+        let results = self.inner.handle_batch(entries, request.metadata()).await?;
+        let calls: Vec<(&str, u32, &str)> = entries
+            .iter()
+            .zip(&results)
+            .map(|(entry, result)| (entry.message_id.as_str(), entry.attempt, result.outcome().as_str_name()))
+            .collect();
+        if let Err(e) = self.store.record_hook_calls(&calls).await {
+            tracing::warn!(error = %e, "recording the hook calls");
+        }
+        Ok(Response::new(ResendBatchResponse { results }))
     }
 }

@@ -3,7 +3,9 @@
 //! both backends accept; the Recheck message id is stored with each order so the
 //! resend hook can find the payload again.
 
-use sqlx::{Any, AnyPool, Transaction};
+use std::collections::HashMap;
+
+use sqlx::{Any, AnyPool, AssertSqlSafe, Transaction};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,10 @@ const HOOK_CALLS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS hook_calls (
     attempt BIGINT NOT NULL,
     outcome TEXT NOT NULL,
     at BIGINT NOT NULL)";
+
+/// Ids per `IN (…)` or multi-row `VALUES` statement: far below SQLite's and PostgreSQL's bound
+/// on placeholders.
+const CHUNK_ROWS: usize = 1000;
 
 /// One order as stored; `payload` is the exact body of its `order.created` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,15 +103,49 @@ impl Store {
         Ok(row.map(|(payload,)| payload))
     }
 
+    /// The stored payloads of the committed orders among `message_ids`, by id (one
+    /// `SELECT … IN` per 1 000 ids); an id without a committed order is absent.
+    pub async fn payloads(&self, message_ids: &[Uuid]) -> Result<HashMap<Uuid, String>> {
+        let mut found = HashMap::with_capacity(message_ids.len());
+        for ids in message_ids.chunks(CHUNK_ROWS) {
+            let sql = format!(
+                "SELECT message_id, payload FROM orders WHERE message_id IN ({})",
+                recheck::db::placeholders(ids.len(), 1)
+            );
+            let mut query = sqlx::query_as::<_, (String, String)>(AssertSqlSafe(sql)).persistent(false);
+            for id in ids {
+                query = query.bind(id.to_string());
+            }
+            for (id, payload) in query.fetch_all(&self.pool).await? {
+                // Stored by `insert` from a Uuid, so it parses; a row that did not would be no order of ours.
+                if let Ok(id) = Uuid::parse_str(&id) {
+                    found.insert(id, payload);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Records one answered `ResendHook` call.
     pub async fn record_hook_call(&self, message_id: &str, attempt: u32, outcome: &str) -> Result<()> {
-        sqlx::query("INSERT INTO hook_calls (message_id, attempt, outcome, at) VALUES ($1, $2, $3, $4)")
-            .bind(message_id)
-            .bind(i64::from(attempt))
-            .bind(outcome)
-            .bind(recheck::message::now_ms())
-            .execute(&self.pool)
-            .await?;
+        self.record_hook_calls(&[(message_id, attempt, outcome)]).await
+    }
+
+    /// Records answered calls, one row per id (a `ResendBatch` answers many), in one statement
+    /// per 1 000.
+    pub async fn record_hook_calls(&self, calls: &[(&str, u32, &str)]) -> Result<()> {
+        let at = recheck::message::now_ms();
+        for chunk in calls.chunks(CHUNK_ROWS) {
+            let sql = format!(
+                "INSERT INTO hook_calls (message_id, attempt, outcome, at) VALUES {}",
+                recheck::db::tuples(chunk.len(), 2, &[None, None, None, Some("$1")])
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(at);
+            for (message_id, attempt, outcome) in chunk {
+                query = query.bind(*message_id).bind(i64::from(*attempt)).bind(*outcome);
+            }
+            query.execute(&self.pool).await?;
+        }
         Ok(())
     }
 
@@ -144,6 +184,9 @@ mod tests {
 
         assert_eq!(store.payload(kept.message_id).await.unwrap(), Some(kept.payload));
         assert_eq!(store.payload(dropped.message_id).await.unwrap(), None);
+        // The batched lookup: the committed one only, by id.
+        let found = store.payloads(&[kept.message_id, dropped.message_id]).await.unwrap();
+        assert_eq!(found, HashMap::from([(kept.message_id, kept.payload.clone())]));
         assert_eq!(store.count().await.unwrap(), 1);
         // Opening again keeps the table (CREATE TABLE IF NOT EXISTS).
         assert_eq!(Store::connect(&url).await.unwrap().count().await.unwrap(), 1);
