@@ -159,6 +159,7 @@ pub fn status_to_pb(s: Status) -> pb::MessageStatus {
         Status::Void => pb::MessageStatus::Void,
         Status::Failed => pb::MessageStatus::Failed,
         Status::Rejected => pb::MessageStatus::Rejected,
+        Status::Unused => pb::MessageStatus::Unused,
     }
 }
 

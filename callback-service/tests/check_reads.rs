@@ -20,6 +20,7 @@ fn check(id: Uuid, attempt: u32) -> Check {
         published_at: now_ms(),
         expect: Some(vec!["points".into()]),
         traceparent: None,
+        reserved: false,
     }
 }
 

@@ -60,6 +60,7 @@ fn checks(n: usize) -> Vec<Check> {
             published_at: now_ms(),
             expect: None,
             traceparent: None,
+            reserved: false,
         })
         .collect()
 }

@@ -20,6 +20,7 @@ fn check(id: Uuid, expect: &[&str]) -> Check {
         published_at: now_ms(),
         expect: (!expect.is_empty()).then(|| expect.iter().map(|c| c.to_string()).collect()),
         traceparent: None,
+        reserved: false,
     }
 }
 

@@ -52,6 +52,18 @@ pub enum Error {
     /// The broker did not answer an ack, a nack or a new subscription within this long.
     #[error("the broker did not answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// A configuration that cannot work, found at start-up (the text says why).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A prepared message past its commit deadline ([`Prepared::ensure_fresh`](crate::Prepared::ensure_fresh)):
+    /// roll the transaction back; its check may already have settled the id.
+    #[error("prepared message {message_id} is {by:?} past its commit deadline: roll back")]
+    Expired {
+        /// The prepared message's id.
+        message_id: uuid::Uuid,
+        /// How late.
+        by: std::time::Duration,
+    },
     /// One failure shared by every caller of a group-committed batch.
     #[error("{0}")]
     Batch(Arc<Error>),

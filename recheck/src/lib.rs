@@ -193,6 +193,7 @@ pub mod ops;
 pub mod parking;
 pub mod producer;
 pub mod publisher;
+mod reserve;
 pub mod retry;
 pub mod secret;
 #[cfg(feature = "service")]
@@ -214,6 +215,7 @@ pub use hook::{Lookup, ResendHookService, ResendSource};
 pub use inbox::Inbox;
 pub use producer::{Event, Prepared, Producer, ProducerConfig};
 pub use publisher::{Outgoing, Publisher, PublisherConfig};
+pub use reserve::ReserveConfig;
 pub use secret::SecretUrl;
 pub use subscription::{Subscription, SubscriptionConfig};
 pub use topology::Topology;

@@ -45,6 +45,11 @@ pub struct Check {
     /// A CHECK is a batch, so the context travels per check, not in the AMQP headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// A reserved check (additive in v1, `"reserved": true`): the producer published it ahead of
+    /// use, for an id no transaction held yet, so `business_key` may be empty. If the hook finds
+    /// no record, the id was never used: it settles as `unused`, not `void`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reserved: bool,
 }
 
 /// A CHECK message: many checks of one producer.
@@ -56,6 +61,11 @@ pub struct CheckBatch {
     pub producer: String,
     /// At least one check.
     pub checks: Vec<Check>,
+    /// A RELEASE (additive in v1, `"release": true`): the producer gives back reserved ids it
+    /// never handed out (a clean shutdown, or expired in its pool). Every entry is reserved, at
+    /// attempt 0; each settles as `unused` with no hook call when its reserved CHECK comes due.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release: bool,
 }
 
 /// A consumer's answer for one message in a CONFIRM (lowercase on the wire).
@@ -327,7 +337,7 @@ fn check_consumer_name(consumer: &String) -> Result<(), DecodeError> {
 impl CheckBatch {
     /// A v1 CHECK of `producer`.
     pub fn new(producer: impl Into<String>, checks: Vec<Check>) -> Self {
-        Self { v: VERSION, producer: producer.into(), checks }
+        Self { v: VERSION, producer: producer.into(), checks, release: false }
     }
 
     /// Decodes a CHECK body and checks it whole: size and content type (`None` passes), version,
@@ -342,6 +352,13 @@ impl CheckBatch {
         check_text("producer", &batch.producer)?;
         check_ids(batch.checks.len(), limits)?;
         batch.checks.iter().try_for_each(check_entry)?;
+        if batch.release && batch.checks.iter().any(|c| !c.reserved || c.attempt != 0) {
+            // Only ids nobody held can be given back; a used id is settled by its hook.
+            return Err(DecodeError::Field(
+                "checks[].reserved",
+                "a RELEASE gives back reserved ids only, at attempt 0".into(),
+            ));
+        }
         // The latest attempt of a repeated id supersedes the earlier ones.
         fold_repeats(&mut batch.checks, |c| c.message_id, |a, b| a.attempt > b.attempt);
         Ok(batch)
@@ -465,6 +482,7 @@ mod tests {
             published_at: 1,
             expect: Some(vec!["points".into()]),
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            reserved: false,
         }
     }
 
@@ -474,6 +492,28 @@ mod tests {
         let body = serde_json::to_vec(&batch).unwrap();
         let decoded = CheckBatch::decode(&body, Some(CONTENT_TYPE_JSON), Limits::default()).unwrap();
         assert_eq!(decoded, batch);
+    }
+
+    /// The reservation marks are additive: absent unless set, so v1 decoders see what they knew.
+    #[test]
+    fn reserved_and_release_are_written_only_when_set_and_a_release_gives_back_reservations_only() {
+        let plain = serde_json::to_string(&CheckBatch::new("orders", vec![check(Uuid::now_v7())])).unwrap();
+        assert!(!plain.contains("reserved") && !plain.contains("release"), "{plain}");
+        let reserved = Check { reserved: true, business_key: String::new(), ..check(Uuid::now_v7()) };
+        let release = CheckBatch { release: true, ..CheckBatch::new("orders", vec![reserved.clone()]) };
+        let body = serde_json::to_vec(&release).unwrap();
+        let text = String::from_utf8(body.clone()).unwrap();
+        assert!(text.contains(r#""release":true"#) && text.contains(r#""reserved":true"#), "{text}");
+        assert_eq!(CheckBatch::decode(&body, None, Limits::default()), Ok(release));
+        // A used id (not reserved) or a re-check cannot be given back: the whole message is parked.
+        for entry in [check(Uuid::now_v7()), Check { attempt: 1, ..reserved }] {
+            let bad = CheckBatch { release: true, ..CheckBatch::new("orders", vec![entry]) };
+            let body = serde_json::to_vec(&bad).unwrap();
+            assert!(matches!(
+                CheckBatch::decode(&body, None, Limits::default()),
+                Err(DecodeError::Field(..))
+            ));
+        }
     }
 
     /// Producers that do not trace (other languages, older SDKs) send no `traceparent`.

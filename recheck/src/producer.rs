@@ -4,12 +4,15 @@
 use std::{sync::Arc, time::Duration};
 
 use lapin::BasicProperties;
+use tokio::time::Instant;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
     Error, GroupCommit, GroupCommitConfig, Outgoing, Publisher, Result, Topology,
     group_commit::Weight,
     message::{BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, now_ms},
+    reserve::{self, Kind, Pool, ReserveConfig},
     telemetry, trace,
 };
 
@@ -36,16 +39,51 @@ pub struct ProducerConfig {
     pub check_delay: Duration,
     /// How CHECKs are batched: concurrent `prepare` calls share one CHECK message.
     pub group_commit: GroupCommitConfig,
+    /// How long a business transaction may take from `prepare` to its commit: the grace its
+    /// [`ResendHookService`](crate::ResendHookService) is given (the same value). A
+    /// [`Prepared`] past it is refused by [`Prepared::ensure_fresh`].
+    pub grace: Duration,
+    /// Reserved CHECKs: `prepare` without a broker round trip (see [`ReserveConfig`]); `None`
+    /// publishes every CHECK by the group commit.
+    pub reserve: Option<ReserveConfig>,
 }
 
 impl ProducerConfig {
-    /// Defaults for `name`: the first check after 30 s, the default CHECK batching.
+    /// Defaults for `name`: the first check after 30 s, a grace of 10 s, the default CHECK
+    /// batching, no reservations (their rule ties them to your grace: turn them on with
+    /// [`ProducerConfig::reserving`]).
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             check_delay: Duration::from_secs(30),
             group_commit: GroupCommitConfig::default(),
+            grace: Duration::from_secs(10),
+            reserve: None,
         }
+    }
+
+    /// The same, with reserved CHECKs (the default [`ReserveConfig`]).
+    pub fn reserving(self) -> Self {
+        Self { reserve: Some(ReserveConfig::default()), ..self }
+    }
+
+    /// Refuses a configuration whose reservations could be handed out too late: a transaction
+    /// must have its whole grace before the check can find its record missing, so
+    /// `max_age + grace ≤ check_delay`.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let Some(reserve) = &self.reserve else { return Ok(()) };
+        if reserve.max_age + self.grace > self.check_delay {
+            return Err(format!(
+                "reserved checks need max_age + grace <= check_delay, but {:?} + {:?} > {:?}: \
+                 shorten the reservations' max age or the grace, lengthen the check delay, or turn \
+                 reservations off",
+                reserve.max_age, self.grace, self.check_delay
+            ));
+        }
+        if reserve.max_pool == 0 || reserve.ahead.is_zero() {
+            return Err("reserved checks need max_pool >= 1 and ahead > 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -63,10 +101,14 @@ struct Inner {
     publisher: Publisher,
     topology: Topology,
     checks: GroupCommit<Check>,
+    /// The reserved CHECKs, and their refiller (stopped by [`Producer::close`]).
+    pool: Option<Arc<Pool>>,
+    refiller: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// A message whose CHECK is durable; store [`Prepared::message_id`] with the
-/// business row, commit, then call [`Prepared::publish`].
+/// business row, call [`Prepared::ensure_fresh`], commit, then call [`Prepared::publish`].
 #[derive(Debug)]
 pub struct Prepared {
     producer: Producer,
@@ -74,6 +116,10 @@ pub struct Prepared {
     pub message_id: Uuid,
     /// The event as prepared.
     pub event: Event,
+    /// Whether the id came from the pool of reserved CHECKs.
+    pub reserved: bool,
+    /// Commit before this, or the check may find no record and settle the id.
+    deadline: Instant,
 }
 
 impl std::fmt::Debug for Producer {
@@ -84,8 +130,16 @@ impl std::fmt::Debug for Producer {
 
 impl Producer {
     /// A producer named `config.name`, publishing through `publisher` into `topology`. It starts
-    /// its CHECK batcher as a task, so call it inside a Tokio runtime.
+    /// its CHECK batcher (and the refiller of its reserved CHECKs) as tasks, so call it inside a
+    /// Tokio runtime. Panics on a configuration [`ProducerConfig::validate`] refuses: see
+    /// [`Producer::try_new`].
     pub fn new(publisher: Publisher, topology: Topology, config: ProducerConfig) -> Self {
+        Self::try_new(publisher, topology, config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Producer::new`], refusing a configuration [`ProducerConfig::validate`] refuses.
+    pub fn try_new(publisher: Publisher, topology: Topology, config: ProducerConfig) -> Result<Self> {
+        config.validate().map_err(Error::Config)?;
         let (p, t, name, delay) =
             (publisher.clone(), topology.clone(), config.name.clone(), config.check_delay);
         // Weighed as the CHECK is encoded, so no batch exceeds what the callback service accepts.
@@ -94,7 +148,35 @@ impl Producer {
             let (p, t, batch) = (p.clone(), t.clone(), CheckBatch::new(name.clone(), checks));
             async move { publish_checks(&p, &t, &batch, delay).await }
         });
-        Self { inner: Arc::new(Inner { config, publisher, topology, checks }) }
+        let (refiller, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let pool = config.reserve.clone().map(|reserve| {
+            let pool = Arc::new(Pool::new(reserve));
+            let target = reserve::Target {
+                publisher: publisher.clone(),
+                topology: topology.clone(),
+                producer: config.name.clone(),
+                check_delay: config.check_delay,
+                max_ids: config.group_commit.max_items,
+                max_bytes: config.group_commit.max_bytes,
+            };
+            tasks.spawn(reserve::refill_loop(pool.clone(), target, refiller.clone()));
+            pool
+        });
+        tasks.close();
+        Ok(Self { inner: Arc::new(Inner { config, publisher, topology, checks, pool, refiller, tasks }) })
+    }
+
+    /// Stops reserving and gives back the unused reservations in one RELEASE, so none of them
+    /// costs the callback service a hook call. Call it at shutdown, after the last `prepare`
+    /// and before closing the publisher; a `prepare` after it falls back to the group commit.
+    pub async fn close(&self) {
+        self.inner.refiller.cancel();
+        self.inner.tasks.wait().await;
+    }
+
+    /// Reservations held now (0 without reservations).
+    pub fn reserved(&self) -> usize {
+        self.inner.pool.as_ref().map_or(0, |p| p.len())
     }
 
     /// The producer's name, as CHECKs, headers and the hook's requests carry it.
@@ -122,14 +204,30 @@ impl Producer {
         err
     )]
     pub async fn prepare(&self, event: Event) -> Result<Prepared> {
-        let message_id = Uuid::now_v7();
-        tracing::Span::current().record("message_id", tracing::field::display(message_id));
-        let check = self.check_for(message_id, &event);
+        let fresh_id = Uuid::now_v7();
+        let check = self.check_for(fresh_id, &event);
         check.validate().map_err(Error::Invalid)?;
-        self.inner.checks.submit(check).await?;
-        metrics::counter!(telemetry::PREPARED, "producer" => self.name().to_owned()).increment(1);
-        tracing::debug!("check prepared");
-        Ok(Prepared { producer: self.clone(), message_id, event })
+        let config = &self.inner.config;
+        let reservation =
+            self.inner.pool.as_ref().filter(|_| !self.inner.refiller.is_cancelled()).and_then(|pool| {
+                pool.take(&Kind { routing_key: event.routing_key.clone(), expect: event.expect.clone() })
+            });
+        // The check finds a missing record no sooner than `check_delay` after its CHECK was
+        // published, and the hook answers NOT_FOUND no sooner than `grace` after it.
+        let after = config.check_delay.max(config.grace);
+        let (message_id, deadline, path) = match reservation {
+            Some(r) => (r.id, r.born + after, "reserved"),
+            None => {
+                let started = Instant::now();
+                self.inner.checks.submit(check).await?;
+                (fresh_id, started + after, "group_commit")
+            }
+        };
+        tracing::Span::current().record("message_id", tracing::field::display(message_id));
+        metrics::counter!(telemetry::PREPARED, "producer" => self.name().to_owned(), "path" => path)
+            .increment(1);
+        tracing::debug!(path, "check prepared");
+        Ok(Prepared { producer: self.clone(), message_id, event, reserved: path == "reserved", deadline })
     }
 
     /// The seed order (business message, then check): loses the message if the
@@ -188,11 +286,29 @@ impl Producer {
             published_at: now_ms(),
             expect: event.expect.clone(),
             traceparent: trace::current_traceparent(),
+            reserved: false,
         }
     }
 }
 
 impl Prepared {
+    /// The latest moment the business record may commit: after it, the message's check may
+    /// already have found no record and settled the id (`unused` or `void`), and nothing would
+    /// resend a message lost later. At least the configured grace after `prepare`.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Refuses ([`Error::Expired`]) a prepared message past its [`Prepared::deadline`]: call it
+    /// right before the commit, and roll back on the error (then `prepare` again if you retry).
+    pub fn ensure_fresh(&self) -> Result<()> {
+        let now = Instant::now();
+        if now > self.deadline {
+            return Err(Error::Expired { message_id: self.message_id, by: now - self.deadline });
+        }
+        Ok(())
+    }
+
     /// Step 3: publishes the business message after the caller committed. An
     /// error here is safe to log and move on from: the CHECK drives a resend.
     #[tracing::instrument(skip_all, fields(message_id = %self.message_id), err)]

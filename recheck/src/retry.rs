@@ -34,9 +34,12 @@ impl Classify for Error {
     fn disposition(&self) -> Disposition {
         match self {
             Error::Db(e) => db_disposition(e),
-            Error::Decode(_) | Error::Invalid(_) | Error::Encode(_) | Error::UnsupportedDatabase(_) => {
-                Disposition::Poison
-            }
+            Error::Decode(_)
+            | Error::Invalid(_)
+            | Error::Encode(_)
+            | Error::UnsupportedDatabase(_)
+            | Error::Config(_)
+            | Error::Expired { .. } => Disposition::Poison,
             Error::Batch(e) => e.disposition(),
             Error::Amqp(_)
             | Error::ConfirmTimeout(_)

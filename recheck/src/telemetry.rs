@@ -17,8 +17,14 @@ pub const PUBLISH_SECONDS: &str = "recheck_publish_seconds";
 pub const REPUBLISHES: &str = "recheck_republishes_total";
 
 // ---- SDK: producer ----
-/// Counter `{producer}`: messages prepared (their CHECK broker-confirmed).
+/// Counter `{producer, path = reserved | group_commit}`: messages prepared (their CHECK
+/// broker-confirmed), from the pool of reserved CHECKs or by the group commit.
 pub const PREPARED: &str = "recheck_prepared_total";
+/// Counter `{producer}`: ids reserved ahead of use (their CHECKs broker-confirmed).
+pub const RESERVED: &str = "recheck_reserved_total";
+/// Counter `{producer}`: reserved ids given back unused in a RELEASE (expired in the pool, or
+/// left at a clean shutdown).
+pub const RELEASED: &str = "recheck_released_total";
 /// Counter `{producer, kind = original | resend}`: business messages published and confirmed.
 pub const BUSINESS_PUBLISHED: &str = "recheck_business_published_total";
 /// Histogram `{producer}`: ids per CHECK message published (group commit; the callback's re-checks too).
@@ -76,6 +82,8 @@ pub const ALL: &[&str] = &[
     PUBLISH_SECONDS,
     REPUBLISHES,
     PREPARED,
+    RESERVED,
+    RELEASED,
     BUSINESS_PUBLISHED,
     CHECK_BATCH_SIZE,
     CONSUMED,

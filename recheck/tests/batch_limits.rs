@@ -22,6 +22,7 @@ fn check(business_key: String) -> Check {
         published_at: 1,
         expect: Some(vec!["points".into()]),
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        reserved: false,
     }
 }
 

@@ -67,9 +67,11 @@ fn check() -> impl Strategy<Value = Check> {
         proptest::option::of(proptest::collection::vec(consumer_name(), 0..4)),
         // Optional trace context: absent from producers that do not trace.
         proptest::option::of(text()),
+        // Reserved ahead of use (additive): absent on the wire when false.
+        any::<bool>(),
     )
         .prop_map(
-            |(message_id, routing_key, business_key, attempt, published_at, expect, traceparent)| Check {
+            |(
                 message_id,
                 routing_key,
                 business_key,
@@ -77,6 +79,16 @@ fn check() -> impl Strategy<Value = Check> {
                 published_at,
                 expect,
                 traceparent,
+                reserved,
+            )| Check {
+                message_id,
+                routing_key,
+                business_key,
+                attempt,
+                published_at,
+                expect,
+                traceparent,
+                reserved,
             },
         )
 }

@@ -59,8 +59,9 @@ pub struct DemoOptions {
     /// Resend into a lagging consumer instead of deferring its checks (to compare).
     #[arg(long)]
     pub no_deferral: bool,
-    /// Delay of the first check: short, so the demo ends in minutes.
-    #[arg(long, default_value = "3s")]
+    /// Delay of the first check: short, so the demo ends in minutes (at least the reserved
+    /// CHECKs' max age, 3 s, + the grace, 2 s).
+    #[arg(long, default_value = "5s")]
     pub check_delay: String,
     /// Delay tiers of the re-checks.
     #[arg(long, default_value = "1s,3s,5s")]

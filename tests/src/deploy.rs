@@ -44,6 +44,10 @@ pub struct DeployOptions {
     pub check_delay: String,
     /// Uncommitted messages are declared void once their check is older than this.
     pub grace: String,
+    /// upstream-demo's reserved CHECKs (`RECHECK_RESERVE`) and their max age; `max age + grace`
+    /// must not exceed `check_delay`.
+    pub reserve: bool,
+    pub reserve_max_age: String,
     /// The callback store; `None` = SQLite in `dir`.
     pub callback_database_url: Option<String>,
     /// Callback service instances sharing that store.
@@ -100,8 +104,11 @@ impl DeployOptions {
             dir: dir.into(),
             amqp_url: amqp_url.into(),
             tiers: "1s,3s,5s".into(),
-            check_delay: "3s".into(),
-            grace: "5s".into(),
+            // Reservations on, as upstream-demo ships: max age 3 s + grace 2 s = the check delay.
+            check_delay: "5s".into(),
+            grace: "2s".into(),
+            reserve: true,
+            reserve_max_age: "3s".into(),
             callback_database_url: None,
             callbacks: 1,
             deferral: true,
@@ -215,6 +222,8 @@ impl Deployment {
         env.push(("RECHECK_GRPC_ADDR".into(), format!("127.0.0.1:{orders_port}")));
         env.push(("RECHECK_CHECK_DELAY".into(), opts.check_delay.clone()));
         env.push(("RECHECK_GRACE".into(), opts.grace.clone()));
+        env.push(("RECHECK_RESERVE".into(), opts.reserve.to_string()));
+        env.push(("RECHECK_RESERVE_MAX_AGE".into(), opts.reserve_max_age.clone()));
         env.push(("RECHECK_EXPECT".into(), expect.join(",")));
         env.extend(opts.upstream_env.iter().cloned());
         add(Role::Upstream, "upstream-demo", &["serve"], env);

@@ -207,5 +207,6 @@ pub fn first_check(id: uuid::Uuid, expect: &[&str]) -> recheck::message::Check {
         published_at: recheck::message::now_ms(),
         expect: (!expect.is_empty()).then(|| expect.iter().map(|c| c.to_string()).collect()),
         traceparent: None,
+        reserved: false,
     }
 }

@@ -238,6 +238,7 @@ async fn duplicated_checks_and_two_instances_resend_each_attempt_once(url: &str)
             published_at: row.published_at.max(now_ms()),
             expect: Some(vec!["points".into()]),
             traceparent: None,
+            reserved: false,
         };
         recheck::producer::publish_checks(
             &env.publisher,
@@ -355,6 +356,7 @@ async fn an_unknown_producer_fails_visibly(url: &str) {
         published_at: now_ms(),
         expect: None,
         traceparent: None,
+        reserved: false,
     };
     let batch = CheckBatch::new("ghost", vec![check]);
     recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))

@@ -46,6 +46,9 @@ async fn one_trace_id_crosses_all_three_services() {
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tracing");
     let mut opts = DeployOptions::new(&dir, vhost.url.clone());
+    // A reserved CHECK is published before any request holds its id, so it carries no
+    // `traceparent`: the `reconcile` → `prepare` link below holds for group-committed CHECKs.
+    opts.reserve = false;
     let logs = [("RECHECK_LOG", LOG_FILTER), ("RECHECK_LOG_FORMAT", "json")].map(owned);
     let export = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url.as_str()),

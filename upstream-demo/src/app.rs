@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use recheck::{
-    Producer, ProducerConfig, ResendHookService,
+    Producer, ResendHookService,
     ops::{OpsServer, Readiness, report_health},
     tls::ServerTls,
 };
@@ -35,11 +35,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
 
     let publisher = config.broker.connect("upstream-demo").await.context("connecting to RabbitMQ")?;
     let topology = config.topology();
-    let producer = Producer::new(
-        publisher,
-        topology,
-        ProducerConfig { check_delay: config.check_delay, ..ProducerConfig::new(&config.producer_name) },
-    );
+    let producer = Producer::try_new(publisher, topology, config.producer().map_err(anyhow::Error::msg)?)?;
 
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?;
@@ -110,6 +106,8 @@ impl App {
             report_health(readiness, health_reporter, &health_names, shutdown.clone()),
         );
         orders.flush().await;
+        // The unused reservations go back in one RELEASE: no hook call is made for them.
+        self.producer.close().await;
         self.producer.publisher().close().await;
         served.context("serving gRPC")?;
         ops.context("serving the ops endpoints")

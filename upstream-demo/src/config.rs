@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
-use recheck::{SecretUrl, Topology, topology::parse_duration};
+use recheck::{ProducerConfig, ReserveConfig, SecretUrl, Topology, topology::parse_duration};
 
 /// Settings of `upstream-demo serve` (the default command).
 #[derive(Debug, Clone, Parser)]
@@ -46,10 +46,30 @@ pub struct Config {
     #[arg(long, env = "RECHECK_CHECK_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub check_delay: Duration,
 
-    /// A resend asked for an order that is not in the store yet, younger than this, answers
-    /// RETRY_LATER (its transaction may still be committing); older, NOT_FOUND (→ `void`).
-    #[arg(long, env = "RECHECK_GRACE", default_value = "1m", value_parser = parse_duration)]
+    /// How long an order's transaction may take from `prepare` to its commit. A resend asked
+    /// for an order not in the store yet, younger than this, answers RETRY_LATER; older,
+    /// NOT_FOUND (→ `void`, or `unused` for a reserved id). A transaction past it is refused
+    /// and rolled back before its commit.
+    #[arg(long, env = "RECHECK_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// Reserved CHECKs: `prepare` takes an id whose CHECK is already durable, with no broker
+    /// round trip (`--reserve false` publishes each CHECK before the commit instead).
+    #[arg(long, env = "RECHECK_RESERVE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reserve: bool,
+
+    /// A reservation older than this is never handed out; max age + grace must not exceed the
+    /// check delay.
+    #[arg(long, env = "RECHECK_RESERVE_MAX_AGE", default_value = "15s", value_parser = parse_duration)]
+    pub reserve_max_age: Duration,
+
+    /// The pool holds about this long's orders at the recent rate.
+    #[arg(long, env = "RECHECK_RESERVE_AHEAD", default_value = "1s", value_parser = parse_duration)]
+    pub reserve_ahead: Duration,
+
+    /// Most reservations held at once.
+    #[arg(long, env = "RECHECK_RESERVE_MAX_POOL", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub reserve_max_pool: u32,
 
     /// Bearer tokens accepted on `ResendHook`, comma-separated (several while rotating); the
     /// callback service sends one (its `NAME=URL TOKEN` producer entry). Unset: no authentication.
@@ -66,6 +86,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// The SDK producer's configuration; refused at start-up if reservations could be handed
+    /// out too late ([`ProducerConfig::validate`]).
+    pub fn producer(&self) -> Result<ProducerConfig, String> {
+        let reserve = self.reserve.then(|| ReserveConfig {
+            max_age: self.reserve_max_age,
+            ahead: self.reserve_ahead,
+            max_pool: self.reserve_max_pool as usize,
+        });
+        let config = ProducerConfig {
+            check_delay: self.check_delay,
+            grace: self.grace,
+            reserve,
+            ..ProducerConfig::new(&self.producer_name)
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
     /// The broker topology this installation uses.
     pub fn topology(&self) -> Topology {
         self.broker.topology()

@@ -94,6 +94,12 @@ impl OrdersService {
                 published: false,
             });
         }
+        // Past its deadline the check may already have found no order and settled the id:
+        // committing now could lose the message silently, so the order is refused instead.
+        if let Err(e) = prepared.ensure_fresh() {
+            tx.rollback().await.map_err(StoreError::from)?;
+            return Err(Status::deadline_exceeded(e.to_string()));
+        }
         tx.commit().await.map_err(StoreError::from)?;
 
         // 3. Recheck: the business message, off the caller's path. A failure is logged, not

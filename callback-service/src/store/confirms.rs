@@ -75,7 +75,7 @@ impl Settled<'_> {
             (Settled::Rejected { consumer, detail }, _) => {
                 format!("rejected by {consumer}: {}", detail.unwrap_or("no detail"))
             }
-            (Settled::Confirmed { consumer }, Status::Failed | Status::Void) => {
+            (Settled::Confirmed { consumer }, Status::Failed | Status::Void | Status::Unused) => {
                 format!("late confirm by {consumer} (recovered)")
             }
             (Settled::Confirmed { consumer }, _) => format!("confirmed by {consumer}"),
@@ -170,7 +170,7 @@ async fn ingest_chunk(
             Status::Rejected => report.rejected += 1,
             _ => {
                 report.confirmed += 1;
-                if matches!(m.from, Status::Failed | Status::Void) {
+                if matches!(m.from, Status::Failed | Status::Void | Status::Unused) {
                     report.recovered += 1;
                 }
             }

@@ -17,6 +17,7 @@ mod first_checks;
 mod queries;
 mod settle;
 mod sweep;
+mod unused;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,11 +58,20 @@ pub enum Status {
     Void,
     Failed,
     Rejected,
+    /// A reserved id nobody used: settled without a `void`, purged after a short retention.
+    Unused,
 }
 
 impl Status {
-    pub const ALL: [Status; 6] =
-        [Status::Pending, Status::Confirmed, Status::Resent, Status::Void, Status::Failed, Status::Rejected];
+    pub const ALL: [Status; 7] = [
+        Status::Pending,
+        Status::Confirmed,
+        Status::Resent,
+        Status::Void,
+        Status::Failed,
+        Status::Rejected,
+        Status::Unused,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,6 +81,7 @@ impl Status {
             Status::Void => "void",
             Status::Failed => "failed",
             Status::Rejected => "rejected",
+            Status::Unused => "unused",
         }
     }
 

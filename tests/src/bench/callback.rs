@@ -123,6 +123,7 @@ impl Stage {
                 published_at: now_ms(),
                 expect: Some(vec!["points".into()]),
                 traceparent: None,
+                reserved: false,
             });
             if chunk.len() == per_message {
                 bodies.push(serde_json::to_vec(&CheckBatch::new("orders", std::mem::take(&mut chunk)))?);

@@ -74,9 +74,14 @@ pub struct BenchOptions {
     /// Orders sent at the offered load.
     #[arg(long, default_value_t = 5000)]
     pub offered_orders: u64,
-    /// Delay of each message's check (naive's TTL, Recheck's first check).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// Delay of each message's check (naive's TTL, Recheck's first check). With reservations,
+    /// at least their max age (3 s) + the grace (2 s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub check_delay: Duration,
+    /// Recheck's reserved CHECKs (upstream-demo's default); `--reserve false` publishes every
+    /// CHECK before the commit, by the group commit.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub reserve: bool,
     /// Recheck's delay tiers.
     #[arg(long, default_value = "1s,3s,5s")]
     pub tiers: String,

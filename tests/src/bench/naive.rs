@@ -162,6 +162,7 @@ async fn create(producer: &Publisher, topology: &Topology, i: u64, delay: Durati
         published_at: now_ms(),
         expect: Some(vec!["points".into()]),
         traceparent: None,
+        reserved: false,
     };
     publish_checks(producer, topology, &CheckBatch::new("orders", vec![check]), delay).await?;
     let headers = BusinessHeaders { message_id, producer: "orders".into(), business_key, attempt: 0 };

@@ -8,8 +8,10 @@
 //! answers the hook). Beside raw it shows what the pattern itself costs; beside `recheck
 //! (SQLite)` what the demo's per-order transaction and `CreateOrder` call add.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
-use recheck::{Event, Producer, ProducerConfig, Topology, topology::parse_tiers};
+use recheck::{Event, Producer, ProducerConfig, ReserveConfig, Topology, topology::parse_tiers};
 use tokio::time::Instant;
 
 use super::{
@@ -64,6 +66,7 @@ pub async fn run(env: &Env<'_>, store: CallbackStore, source: Source) -> Result<
     let deploy = DeployOptions {
         tiers: o.tiers.clone(),
         check_delay: o.check_delay_text(),
+        reserve: o.reserve,
         callback_database_url,
         ..DeployOptions::new(dir, vhost.url.clone())
     };
@@ -90,7 +93,12 @@ async fn measure(
         link.clone(),
         Topology::new("recheck", tiers.clone()),
         // The name upstream-demo's hook answers for.
-        ProducerConfig { check_delay: o.check_delay, ..ProducerConfig::new("orders") },
+        ProducerConfig {
+            check_delay: o.check_delay,
+            grace: Duration::from_secs(2),
+            reserve: o.reserve.then(|| ReserveConfig { max_age: Duration::from_secs(3), ..ReserveConfig::default() }),
+            ..ProducerConfig::new("orders")
+        },
     );
     let orders = format!("http://127.0.0.1:{}", deployment.orders_port);
     // One load phase: `count` creates from index `first`, at `rate` (0 = as fast as they go).
@@ -126,6 +134,8 @@ async fn measure(
     let meter = Meter::start(targets);
     let created = phase(o.offered_orders, o.messages, 0).await?;
     created.ensure_ok(&format!("{name}: creates"))?;
+    // The unused reservations go back now, so their checks cost no hook call.
+    producer.close().await;
     let total = offered.done + created.done;
     wait_rows(&callback_db, CONFIRMED, total, POLL, o.deadline)
         .await

@@ -25,12 +25,21 @@ pub struct Settled {
     pub resend_count: u32,
 }
 
-/// Confirmed, void, failed and rejected rows take no more checks.
+/// Confirmed, void, failed, rejected and unused rows take no more checks.
 pub fn is_terminal(status: MessageStatus) -> bool {
     matches!(
         status,
-        MessageStatus::Confirmed | MessageStatus::Void | MessageStatus::Failed | MessageStatus::Rejected
+        MessageStatus::Confirmed
+            | MessageStatus::Void
+            | MessageStatus::Failed
+            | MessageStatus::Rejected
+            | MessageStatus::Unused
     )
+}
+
+/// Settled as never committed: `void`, or `unused` for a reserved id.
+fn never_committed(status: MessageStatus) -> bool {
+    matches!(status, MessageStatus::Void | MessageStatus::Unused)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -64,7 +73,9 @@ pub struct Report {
     /// Skipped-publish orders the CHECK had resent.
     pub skipped_resent: u64,
     pub void: u64,
-    /// Aborted orders that ended `void`, as they should.
+    /// Reserved ids settled `unused` (aborted orders whose id came from the pool).
+    pub unused: u64,
+    /// Aborted orders that ended `void` or `unused`, as they should.
     pub void_aborted: u64,
     pub failed: u64,
     pub rejected: u64,
@@ -119,6 +130,7 @@ impl Report {
             match status {
                 MessageStatus::Confirmed => r.confirmed += 1,
                 MessageStatus::Void => r.void += 1,
+                MessageStatus::Unused => r.unused += 1,
                 MessageStatus::Failed => r.failed += 1,
                 MessageStatus::Rejected => r.rejected += 1,
                 _ => r.pending += 1,
@@ -126,7 +138,7 @@ impl Report {
             r.resent += u64::from(resent);
             if !order.committed {
                 r.aborted += 1;
-                r.void_aborted += u64::from(status == MessageStatus::Void);
+                r.void_aborted += u64::from(never_committed(status));
                 r.aborted_but_delivered += u64::from(status == MessageStatus::Confirmed || any_effect);
                 continue;
             }
@@ -149,8 +161,8 @@ impl Report {
                     delivered &= !missing;
                 }
             }
-            // A committed order must never be declared void, whatever the consumers saw.
-            if status == MessageStatus::Void || (!delivered && !visibly_given_up) {
+            // A committed order must never be declared void or unused, whatever the consumers saw.
+            if never_committed(status) || (!delivered && !visibly_given_up) {
                 r.lost += 1;
             }
         }
@@ -178,7 +190,8 @@ impl fmt::Display for Report {
         row(f, "resent (any status)", &self.resent)?;
         row(f, "skipped, then resent", &self.skipped_resent)?;
         row(f, "void", &self.void)?;
-        row(f, "void (aborted)", &self.void_aborted)?;
+        row(f, "unused (reserved)", &self.unused)?;
+        row(f, "void/unused (aborted)", &self.void_aborted)?;
         row(f, "failed", &self.failed)?;
         row(f, "rejected", &self.rejected)?;
         row(f, "pending at deadline", &self.pending)?;
@@ -302,6 +315,7 @@ mod tests {
             "resent",
             "skipped_resent",
             "void",
+            "unused",
             "void_aborted",
             "failed",
             "rejected",
