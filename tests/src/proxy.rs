@@ -9,6 +9,7 @@
 //! proxy.resume();
 //! proxy.cut(); // every live connection reset, new ones still accepted
 //! proxy.refuse(true); // new connections closed at once: a down endpoint
+//! proxy.set_latency(std::time::Duration::from_millis(5)); // each way, on new connections
 //! # Ok(()) }
 //! ```
 //!
@@ -18,7 +19,8 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
@@ -46,6 +48,8 @@ struct Shared {
     refusing: AtomicBool,
     live: AtomicUsize,
     forwarded: AtomicUsize,
+    /// Added to every chunk in each direction, µs (a remote broker's network path).
+    latency_us: AtomicU64,
 }
 
 impl FaultProxy {
@@ -60,6 +64,7 @@ impl FaultProxy {
             refusing: AtomicBool::new(false),
             live: AtomicUsize::new(0),
             forwarded: AtomicUsize::new(0),
+            latency_us: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -141,6 +146,14 @@ impl FaultProxy {
         self.shared.stalled.send_replace(false);
     }
 
+    /// Delays every byte by `latency` in each direction, on connections accepted from now on:
+    /// the round trip of a broker on another host. Bytes keep flowing at full rate meanwhile (a
+    /// delay line, not a bandwidth cap).
+    pub fn set_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.shared.latency_us.store(us, Ordering::SeqCst);
+    }
+
     /// While `true`, new connections are reset as soon as they are accepted (a down endpoint);
     /// live ones are left alone.
     pub fn refuse(&self, refusing: bool) {
@@ -187,7 +200,8 @@ async fn accept_loop(
         let shared = shared.clone();
         tokio::spawn(async move {
             let _live = LiveGuard(&shared.live);
-            let result = forward(client, upstream, &cut, shared.stalled.subscribe()).await;
+            let latency = Duration::from_micros(shared.latency_us.load(Ordering::SeqCst));
+            let result = forward(client, upstream, &cut, shared.stalled.subscribe(), latency).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "fault proxy connection ended");
             }
@@ -210,6 +224,7 @@ async fn forward(
     upstream: SocketAddr,
     cut: &CancellationToken,
     stalled: watch::Receiver<bool>,
+    latency: Duration,
 ) -> io::Result<()> {
     let mut server = tokio::select! {
         _ = cut.cancelled() => {
@@ -231,8 +246,8 @@ async fn forward(
         let (server_read, server_write) = server.split();
         let both = async {
             tokio::try_join!(
-                pump(client_read, server_write, stalled.clone()),
-                pump(server_read, client_write, stalled)
+                pump(client_read, server_write, stalled.clone(), latency),
+                pump(server_read, client_write, stalled, latency)
             )
             .map(drop)
         };
@@ -258,7 +273,11 @@ async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin,
     mut stalled: watch::Receiver<bool>,
+    latency: Duration,
 ) -> io::Result<()> {
+    if !latency.is_zero() {
+        return delayed_pump(from, to, stalled, latency).await;
+    }
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         flowing(&mut stalled).await;
@@ -270,6 +289,44 @@ async fn pump(
         flowing(&mut stalled).await;
         to.write_all(&buf[..n]).await?;
     }
+}
+
+/// [`pump`] through a delay line: each chunk is written `latency` after it was read, while later
+/// chunks are read meanwhile.
+async fn delayed_pump(
+    mut from: impl AsyncReadExt + Unpin,
+    mut to: impl AsyncWriteExt + Unpin,
+    stalled: watch::Receiver<bool>,
+    latency: Duration,
+) -> io::Result<()> {
+    // Bounded: a reader far ahead of the writer waits, and TCP back-pressure reaches the sender.
+    let (line, mut out) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+    let mut read_stalled = stalled.clone();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            flowing(&mut read_stalled).await;
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(());
+            }
+            let due = tokio::time::Instant::now() + latency;
+            if line.send((due, buf[..n].to_vec())).await.is_err() {
+                return Ok(());
+            }
+        }
+    };
+    let mut write_stalled = stalled;
+    let writer = async move {
+        while let Some((due, bytes)) = out.recv().await {
+            tokio::time::sleep_until(due).await;
+            flowing(&mut write_stalled).await;
+            to.write_all(&bytes).await?;
+        }
+        // Half-close once everything read has been delivered.
+        to.shutdown().await
+    };
+    tokio::try_join!(reader, writer).map(drop)
 }
 
 async fn flowing(stalled: &mut watch::Receiver<bool>) {

@@ -235,3 +235,25 @@ async fn within(limit: Duration, what: &str, done: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn latency_delays_each_direction_and_keeps_order() {
+    let proxy = FaultProxy::start(echo_server().await).unwrap();
+    let mut fast = TcpStream::connect(proxy.addr()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(echo(&mut fast, b"ping").await, b"ping");
+    let direct = started.elapsed();
+    proxy.set_latency(Duration::from_millis(40));
+    let mut slow = TcpStream::connect(proxy.addr()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    // Two writes in flight at once: both delayed, in order, the round trip ≈ 2 × 40 ms not 4 ×.
+    slow.write_all(b"one,").await.unwrap();
+    slow.write_all(b"two").await.unwrap();
+    let mut both = vec![0; 7];
+    timeout(Duration::from_secs(5), slow.read_exact(&mut both)).await.unwrap().unwrap();
+    assert_eq!(both, b"one,two");
+    let round_trip = started.elapsed();
+    assert!(round_trip >= Duration::from_millis(80), "{round_trip:?}: not delayed both ways");
+    assert!(round_trip < Duration::from_millis(160), "{round_trip:?}: chunks delayed one after another");
+    assert!(direct < Duration::from_millis(40), "{direct:?} without latency");
+}
