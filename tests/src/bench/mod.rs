@@ -50,6 +50,11 @@ pub enum Part {
     /// Recheck's own cost: the bench process produces through the SDK, no order service.
     RecheckSdk,
     Outbox,
+    /// Recheck (SQLite) with every connection to the broker through the test kit's proxy, which
+    /// adds `--broker-latency` each way: a broker on another host.
+    RecheckRemote,
+    /// The outbox behind the same proxy.
+    OutboxRemote,
     /// The callback service's ingest and check rates.
     Callback,
     /// The callback service's memory with a backlog.
@@ -85,6 +90,9 @@ pub struct BenchOptions {
     /// Recheck's delay tiers.
     #[arg(long, default_value = "1s,3s,5s")]
     pub tiers: String,
+    /// Latency the remote-broker rows add to every broker connection, each way.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub broker_latency: Duration,
     /// Confirms, then checks, pre-filled for the callback service alone.
     #[arg(long, default_value_t = 100_000)]
     pub callback_messages: u64,
@@ -171,6 +179,22 @@ impl Env<'_> {
         }
     }
 
+    /// The AMQP URL a scenario's processes use: `url` itself, or for a remote-broker row the same
+    /// broker through a proxy adding `--broker-latency` each way (keep the proxy while it runs).
+    fn broker_url(&self, url: &str, remote: bool) -> Result<(String, Option<crate::FaultProxy>)> {
+        if !remote {
+            return Ok((url.to_owned(), None));
+        }
+        let proxy = crate::FaultProxy::start_for(url)?;
+        proxy.set_latency(self.options.broker_latency);
+        Ok((proxy.url_for(url), Some(proxy)))
+    }
+
+    /// A remote-broker row's name: `name` with the added latency.
+    fn remote_name(&self, name: &str) -> String {
+        format!("{name}, broker +{:?}", self.options.broker_latency)
+    }
+
     /// The bench process itself (named `me`) and the servers.
     fn targets(&self, me: &str, postgres: bool) -> Vec<(String, Target)> {
         let mut targets = vec![(me.to_owned(), Target::Shared(std::process::id()))];
@@ -231,19 +255,25 @@ pub async fn run(
         (
             Part::RecheckSqlite,
             "recheck (SQLite)",
-            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Orders)),
+            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Orders, false)),
         ),
         (
             Part::RecheckPostgres,
             "recheck (Postgres)",
-            Box::pin(recheck_flow::run(&env, CallbackStore::Postgres, Source::Orders)),
+            Box::pin(recheck_flow::run(&env, CallbackStore::Postgres, Source::Orders, false)),
         ),
         (
             Part::RecheckSdk,
             "recheck (SDK, SQLite)",
-            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Sdk)),
+            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Sdk, false)),
         ),
-        (Part::Outbox, "outbox", Box::pin(outbox::run(&env))),
+        (Part::Outbox, "outbox", Box::pin(outbox::run(&env, false))),
+        (
+            Part::RecheckRemote,
+            "recheck (SQLite), remote broker",
+            Box::pin(recheck_flow::run(&env, CallbackStore::Sqlite, Source::Orders, true)),
+        ),
+        (Part::OutboxRemote, "outbox, remote broker", Box::pin(outbox::run(&env, true))),
     ];
     for (part, name, step) in steps {
         if !env.options.runs(part) {

@@ -20,10 +20,12 @@ use crate::deploy::CONSUMER_QUEUE;
 
 const POINTS: &str = "SELECT COUNT(*) FROM points";
 
-pub async fn run(env: &Env<'_>) -> Result<Scenario> {
+pub async fn run(env: &Env<'_>, remote: bool) -> Result<Scenario> {
     let o = &env.options;
     let vhost = env.fresh_vhost().await?;
-    let dir = o.out.join("outbox");
+    let (amqp_url, _proxy) = env.broker_url(&vhost.url, remote)?;
+    let name = if remote { env.remote_name("outbox") } else { "outbox".to_owned() };
+    let dir = o.out.join(if remote { "outbox-remote" } else { "outbox" });
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let dir = dir.canonicalize()?;
@@ -36,7 +38,7 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
         &[
             "outbox-service",
             "--amqp-url",
-            &vhost.url,
+            &amqp_url,
             "--database-url",
             &orders_db,
             "--grpc-addr",
@@ -50,7 +52,7 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
         &env.bin_dir.join("downstream-demo"),
         &["serve"],
         &[
-            ("RECHECK_AMQP_URL", vhost.url.clone()),
+            ("RECHECK_AMQP_URL", amqp_url.clone()),
             ("DATABASE_URL", points_db.clone()),
             ("RECHECK_LOG", "warn".into()),
             // An outbox consumer sends no CONFIRM; the inbox + effect are the same as Recheck's.
@@ -62,7 +64,7 @@ pub async fn run(env: &Env<'_>) -> Result<Scenario> {
     )?;
     crate::deploy::wait_for_consumer(&vhost.url, CONSUMER_QUEUE, Duration::from_secs(60)).await?;
 
-    let result = measure(env, &producer, &consumer, &orders_db, &points_db, port).await;
+    let result = measure(env, &producer, &consumer, &orders_db, &points_db, port, name).await;
     let stopped_producer = producer.terminate(Duration::from_secs(20)).await;
     let stopped_consumer = consumer.terminate(Duration::from_secs(20)).await;
     let scenario = result?;
@@ -78,6 +80,7 @@ async fn measure(
     orders_db: &str,
     points_db: &str,
     port: u16,
+    name: String,
 ) -> Result<Scenario> {
     let o = &env.options;
     let addr = format!("http://127.0.0.1:{port}");
@@ -117,7 +120,7 @@ async fn measure(
 
     let elapsed_s = (last_awarded_ms - created.started_ms) as f64 / 1000.0;
     Ok(Scenario {
-        name: "outbox".into(),
+        name,
         messages: created.done,
         lost,
         elapsed_s,

@@ -50,28 +50,33 @@ pub enum Source {
 
 const CONFIRMED: &str = "SELECT COUNT(*) FROM messages WHERE status = 'confirmed'";
 
-pub async fn run(env: &Env<'_>, store: CallbackStore, source: Source) -> Result<Scenario> {
+pub async fn run(env: &Env<'_>, store: CallbackStore, source: Source, remote: bool) -> Result<Scenario> {
     let o = &env.options;
     let vhost = env.fresh_vhost().await?;
+    let (amqp_url, _proxy) = env.broker_url(&vhost.url, remote)?;
     let callback_database_url = match store {
         CallbackStore::Sqlite => None,
         CallbackStore::Postgres => Some(env.postgres.fresh_database().await?.url),
     };
     let label = store.label();
-    let (name, dir) = match source {
+    let (mut name, mut dir) = match source {
         Source::Orders => (format!("recheck ({label})"), format!("recheck-{}", label.to_lowercase())),
         Source::Sdk => (format!("recheck (SDK, {label})"), format!("recheck-sdk-{}", label.to_lowercase())),
     };
+    if remote {
+        name = env.remote_name(&name);
+        dir.push_str("-remote");
+    }
     let dir = o.out.join(dir);
     let deploy = DeployOptions {
         tiers: o.tiers.clone(),
         check_delay: o.check_delay_text(),
         reserve: o.reserve,
         callback_database_url,
-        ..DeployOptions::new(dir, vhost.url.clone())
+        ..DeployOptions::new(dir, amqp_url.clone())
     };
     let deployment = Deployment::start(&env.bin_dir, &deploy).await?;
-    let result = measure(env, &deployment, store, source, name, &vhost.url).await;
+    let result = measure(env, &deployment, store, source, name, &amqp_url).await;
     let stopped = deployment.stop().await;
     let scenario = result?;
     stopped?;
