@@ -111,3 +111,27 @@ async fn a_producer_killed_with_its_pool_full_loses_nothing_and_shows_no_failure
     assert!(cb.sum("recheck_checks_total", &[("result", "unused")]) > 0.0, "{cb}");
     d.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_past_its_grace_is_refused_and_its_id_settles_unused() {
+    use recheck_proto::demo::v1::{CreateOrderRequest, Fault, orders_client::OrdersClient};
+    recheck_tests::init_tracing();
+    let mut d = deploy("reserve-late").await;
+    // A steady trickle, so the pool holds reservations when the late order comes.
+    d.load(&LoadOptions { rate: 50, ..LoadOptions::new(100) }).await.unwrap();
+    let mut client = OrdersClient::connect(format!("http://127.0.0.1:{}", d.orders_port)).await.unwrap();
+    let late = CreateOrderRequest { customer: "slow".into(), amount_cents: 100, fault: Fault::CommitLate.into() };
+    let refused = client.create_order(late).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused:?}");
+    assert!(refused.message().contains("past its commit deadline"), "{refused:?}");
+
+    let verdict = d.wait_settled(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(verdict.committed, 100, "the late order did not commit: {verdict:?}");
+    assert_eq!(verdict.lost, 0, "{verdict:?}");
+    let callback_db = open(&d.callback_db).await;
+    let by = wait_unused(&callback_db, 1, Duration::from_secs(60)).await;
+    // Its id was never committed: its check settled it like any unused reservation.
+    assert_eq!(by.get("void"), None, "{by:?}");
+    assert!(by.get("unused").copied().unwrap_or(0) >= 1, "{by:?}");
+    d.stop().await.unwrap();
+}

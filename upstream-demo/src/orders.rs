@@ -94,6 +94,9 @@ impl OrdersService {
                 published: false,
             });
         }
+        if fault == Fault::CommitLate {
+            tokio::time::sleep_until(prepared.deadline() + std::time::Duration::from_millis(1)).await;
+        }
         // Past its deadline the check may already have found no order and settled the id:
         // committing now could lose the message silently, so the order is refused instead.
         if let Err(e) = prepared.ensure_fresh() {
