@@ -152,6 +152,8 @@ async fn measure(
     queues.push(topology.checks_queue());
     broker::wait_drained(&link.create_channel().await?, &queues, Instant::now() + o.deadline).await?;
     let processes = meter.finish(created.done).await;
+    let unused = count_rows(&callback_db, "SELECT COUNT(*) FROM messages WHERE status = 'unused'").await?;
+    let reservations = reservations_note(deployment, source, unused.max(0) as u64, total).await;
     link.close().await;
     callback_db.close().await;
 
@@ -162,7 +164,7 @@ async fn measure(
         Source::Orders => (
             verdict.lost,
             format!(
-                "create = CreateOrder over gRPC (CHECK group commit → order insert + commit → answer; \
+                "create = CreateOrder over gRPC (a reserved CHECK, or the CHECK group commit → order insert + commit → answer; \
                  the business message is published after the answer), {} in flight",
                 o.concurrency
             ),
@@ -171,7 +173,7 @@ async fn measure(
         Source::Sdk => (
             0,
             format!(
-                "create = `prepare` (CHECK group commit) then `publish`, both broker-confirmed, {} in \
+                "create = `prepare` (a reserved CHECK, or the CHECK group commit) then `publish`, both broker-confirmed, {} in \
                  flight, from the bench process: no order database, no gRPC; lost = prepared and \
                  published but never `confirmed` (the run fails then)",
                 o.window
@@ -192,6 +194,7 @@ async fn measure(
         notes: vec![
             format!("{create}; check delay {}", o.check_delay_text()),
             batches,
+            reservations,
             format!(
                 "{} resends ({} messages), {} duplicates absorbed by the inbox, {} pending at the end; \
                  extra producer-DB writes are upstream-demo's audit rows of resend-hook calls",
@@ -199,6 +202,29 @@ async fn measure(
             ),
         ],
     })
+}
+
+/// How the run used reserved CHECKs: prepares served from the pool, and the ids that went unused
+/// (`unused` rows: expired in the pool, or released; for the SDK row its whole pool, given back
+/// at the end).
+async fn reservations_note(deployment: &Deployment, source: Source, unused: u64, total: u64) -> String {
+    let share = |n: f64| 100.0 * n / total.max(1) as f64;
+    let unused = format!("{unused} unused ids settled during the run ({:.2} % of messages)", share(unused as f64));
+    if source == Source::Sdk {
+        return format!("reservations: {unused}, the pool released at the end included");
+    }
+    match deployment.scrape(Role::Upstream).await {
+        Ok(m) => {
+            let from_pool = m.sum("recheck_prepared_total", &[("path", "reserved")]);
+            let held = m.sum("recheck_reserved_total", &[]) - from_pool - m.sum("recheck_released_total", &[]);
+            format!(
+                "reservations: {from_pool} prepares from the pool ({:.1} %), {unused}; {held} held at the \
+                 end (released at shutdown)",
+                share(from_pool)
+            )
+        }
+        Err(e) => format!("reservations: {unused}; producer metrics unread ({e:#})"),
+    }
 }
 
 /// One order's message through the SDK: CHECK, then the business message (the payload the
