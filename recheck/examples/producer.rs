@@ -64,9 +64,10 @@ async fn main() -> Result<(), BoxError> {
     let producer = Producer::new(publisher.clone(), Topology::default(), ProducerConfig::new("orders"));
 
     // The hook, up before the first check comes due. A missing order younger than the grace
-    // (1 min) may still be committing: the callback service is told to ask again later.
+    // (10 s, as `ProducerConfig::grace`) may still be committing: the callback service is told to
+    // ask again later.
     let orders = Arc::new(Orders(pool.clone()));
-    let hook = ResendHookService::new(orders, producer.clone(), Duration::from_secs(60)).into_server();
+    let hook = ResendHookService::new(orders, producer.clone(), Duration::from_secs(10)).into_server();
     let stop = recheck::shutdown::on_signals()?.cancelled_owned();
     let serving = tokio::spawn(Server::builder().add_service(hook).serve_with_shutdown(addr, stop));
 
@@ -85,6 +86,7 @@ async fn main() -> Result<(), BoxError> {
         let (mut tx, message_id) = (pool.begin().await?, prepared.message_id.to_string());
         let insert = sqlx::query("INSERT INTO orders VALUES ($1, $2, $3)").bind(&id).bind(&message_id);
         insert.bind(&payload).execute(&mut *tx).await?;
+        prepared.ensure_fresh()?; // past its grace: roll back (dropping `tx`) instead
         tx.commit().await?;
         println!("order {id} committed, message {message_id}");
         // 3. The business message. A failure is no loss: the CHECK has it resent.

@@ -78,12 +78,14 @@
 //!         .bind(payload)
 //!         .execute(&mut *tx)
 //!         .await?;
+//!     // Past its grace (`ProducerConfig::grace`, 10 s) its check may already have found no row.
+//!     prepared.ensure_fresh()?;
 //!     tx.commit().await?;
 //!     // 3. The business message. Were it lost, the CHECK would have it resent.
 //!     prepared.publish().await?;
 //!
-//!     // The hook: a missing row younger than the grace (60 s) may still be committing.
-//!     let hook = ResendHookService::new(Arc::new(Orders(pool)), producer, Duration::from_secs(60));
+//!     // The hook: a missing row younger than the grace (the same 10 s) may still be committing.
+//!     let hook = ResendHookService::new(Arc::new(Orders(pool)), producer, Duration::from_secs(10));
 //!     tonic::transport::Server::builder()
 //!         .add_service(hook.into_server())
 //!         .serve("127.0.0.1:50051".parse()?)
