@@ -24,6 +24,7 @@ use crate::{
     breaker::Breakers,
     dashboard::Dashboard,
     ingest::{ConfirmIngest, IngestCounters},
+    parking::ParkingRecovery,
     reconcile::{Policy, Reconciler},
     registry::ProducerRegistry,
     store::Store,
@@ -133,6 +134,12 @@ impl App {
             interval: c.sweep_interval,
             max_backlog: u32::from(c.check_prefetch),
             backlog: Backlog::new(self.publisher.clone(), Default::default(), 0),
+            parking: ParkingRecovery::new(
+                self.publisher.clone(),
+                topology.clone(),
+                c.limits(),
+                c.sweep_after,
+            ),
         };
         let admin = AdminService {
             store: self.store.clone(),

@@ -10,6 +10,7 @@
 //! - [`reconcile`]: each due CHECK → decide → `ResendHook.Resend` → next CHECK → ack.
 //! - [`failure`]: what a delivery fails with, classified once: retried in place, or parked.
 //! - [`sweeper`]: no check left behind: overdue checks (CHECK lost or parked) republished.
+//! - [`parking`]: CHECKs and CONFIRMs parked by the delivery limit, republished by the sweeper.
 //! - [`backlog`]: consumer queue depths, so checks of a lagging consumer are deferred.
 //! - [`breaker`]: per-producer circuit breaker, so a failing hook is backed off as a whole.
 //! - [`registry`]: producer name → hook endpoint (and bearer token).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod dashboard;
 pub mod failure;
 pub mod ingest;
+pub mod parking;
 pub mod reconcile;
 pub mod registry;
 pub mod store;

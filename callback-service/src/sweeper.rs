@@ -4,6 +4,9 @@
 //! (`next_check_at`); the sweeper republishes the CHECKs of those overdue by `after`, claimed in
 //! the store so two instances never both do it. A republished CHECK that meets its original is
 //! a duplicate the state machine already ignores (the attempt guards it).
+//!
+//! A CHECK parked by the delivery limit before the store recorded it has no row to be overdue:
+//! each round also reads the parking queue for those ([`ParkingRecovery`]).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -16,7 +19,10 @@ use recheck::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{backlog::Backlog, failure::HandleError, reconcile::millis, store::MessageRow, store::Store};
+use crate::{
+    backlog::Backlog, failure::HandleError, parking::ParkingRecovery, reconcile::millis, store::MessageRow,
+    store::Store,
+};
 
 /// Rows claimed per store round trip, and checks per CHECK message published.
 const SWEEP_BATCH: usize = 256;
@@ -33,6 +39,8 @@ pub struct Sweeper {
     pub max_backlog: u32,
     /// Measures the checks queue.
     pub backlog: Backlog,
+    /// CHECKs (and CONFIRMs) the broker parked by the delivery limit, republished.
+    pub parking: ParkingRecovery,
 }
 
 impl Sweeper {
@@ -40,6 +48,15 @@ impl Sweeper {
     pub async fn run(&self, shutdown: &CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
+            match self.parking.recover().await {
+                Ok(done) if done.checks + done.confirms > 0 => {
+                    tracing::warn!(?done, "republished messages parked by the delivery limit")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the parking queue failed; trying again next round")
+                }
+            }
             match self.sweep().await {
                 Ok(0) => {}
                 Ok(n) => {
@@ -87,6 +104,7 @@ pub fn row_check(row: &MessageRow) -> Result<Check, DecodeError> {
         published_at: row.published_at,
         expect: row.expect.clone(),
         traceparent: recheck::trace::current_traceparent(),
+        reserved: false,
     })
 }
 

@@ -15,9 +15,13 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::{Instant, sleep};
 
+mod inject;
+
+use inject::{Proxies, inject};
+
 use crate::{
     Rabbit, RabbitCluster,
-    deploy::{ConsumerFaults, ConsumerSpec, DeployOptions, Deployment, LoadOptions, Role, Verdict},
+    deploy::{ConsumerFaults, ConsumerSpec, DeployOptions, Deployment, LoadOptions, Verdict},
     free_port,
     proxy::FaultProxy,
 };
@@ -47,6 +51,10 @@ pub enum Fault {
     /// The callback service's store (PostgreSQL, behind a proxy) down under load: connections
     /// cut and refused. Its check and confirm deliveries wait in place; none is parked.
     StoreDown,
+    /// CHECKs parked by the delivery limit before the callback recorded their rows: its store
+    /// fails every statement on `messages` (held in hand), and it is killed each time it holds
+    /// them, until the broker parks them. The sweeper brings them back from parking.
+    ChecksParked,
     /// `rabbitmqctl stop_app`, a pause, `start_app`.
     BrokerRestart,
     /// The broker's memory alarm raised (publishers blocked), then cleared.
@@ -68,6 +76,13 @@ pub enum Fault {
     /// failures and rejections, aborts), and kills, broker restarts, alarms and cuts at random
     /// moments.
     Mixed,
+}
+
+impl Fault {
+    /// Whether the row runs the callback on a PostgreSQL store ([`Broker::postgres_url`]).
+    pub fn needs_postgres(self) -> bool {
+        matches!(self, Fault::TwoCallbacks | Fault::StoreDown | Fault::ChecksParked)
+    }
 }
 
 /// How big, how fast and when.
@@ -255,6 +270,12 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
             load.skip_publish_rate = 0.05;
             store_proxy = Some(proxy);
         }
+        Fault::ChecksParked => {
+            let url = broker.postgres_url.clone().context("the parked row needs a PostgreSQL database")?;
+            opts.callback_database_url = Some(url);
+            // A sweep round every second, so a pass over parking follows the last restart soon.
+            opts.callback_env.push(("RECHECK_SWEEP_INTERVAL".into(), "1s".into()));
+        }
         Fault::TwoCallbacks => {
             opts.callbacks = 2;
             opts.callback_database_url =
@@ -362,77 +383,4 @@ pub async fn run_mixed(
         parked,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
-}
-
-/// The fault proxies of a run, where it has them.
-struct Proxies<'a> {
-    amqp: Option<&'a FaultProxy>,
-    hook: Option<&'a FaultProxy>,
-    store: Option<&'a FaultProxy>,
-}
-
-/// Fires `fault` and returns once it is over (`outage` later, for the lasting ones). Faults that
-/// are settings of the run (dropped publishes or confirms, two instances) do nothing here.
-async fn inject(
-    deployment: &mut Deployment,
-    broker: &Broker<'_>,
-    proxies: &Proxies<'_>,
-    fault: Fault,
-    outage: Duration,
-) -> Result<()> {
-    match fault {
-        Fault::None | Fault::BusinessDropped | Fault::ConfirmDropped | Fault::TwoCallbacks | Fault::Mixed => {
-        }
-        Fault::ConsumerKilled => bounce(deployment, deployment.consumer_role(POINTS)?, outage).await?,
-        Fault::ConsumerDown => bounce(deployment, deployment.consumer_role(SHIPPING)?, outage).await?,
-        Fault::CallbackKilled => bounce(deployment, Role::Callback(0), outage).await?,
-        Fault::ProducerKilled => bounce(deployment, Role::Upstream, outage).await?,
-        Fault::HookDown => refused(proxies.hook.context("no proxy in front of the hook")?, outage).await,
-        Fault::HookHangs => stalled(proxies.hook.context("no proxy in front of the hook")?, outage).await,
-        Fault::StoreDown => refused(proxies.store.context("no proxy in front of the store")?, outage).await,
-        Fault::BrokerRestart => {
-            broker.rabbit.stop_app().await?;
-            sleep(outage).await;
-            broker.rabbit.start_app().await?;
-        }
-        Fault::MemoryAlarm => {
-            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]).await?;
-            sleep(outage).await;
-            broker.rabbit.ctl(&["set_vm_memory_high_watermark", "0.4"]).await?;
-        }
-        Fault::ConnectionsCut => proxies.amqp.context("no proxy in front of the broker")?.cut(),
-        Fault::ConnectionsStalled => {
-            stalled(proxies.amqp.context("no proxy in front of the broker")?, outage).await
-        }
-        Fault::NodeKilled => {
-            // Every service connects to the first address first.
-            let cluster = broker.cluster.context("a node can be killed only in a cluster")?;
-            cluster.kill(0).await?;
-            sleep(outage).await;
-            cluster.restart(0).await?;
-        }
-    }
-    Ok(())
-}
-
-/// A down endpoint for `outage`: live connections reset, new ones refused.
-async fn refused(proxy: &FaultProxy, outage: Duration) {
-    proxy.refuse(true);
-    proxy.cut();
-    sleep(outage).await;
-    proxy.refuse(false);
-}
-
-/// A black hole for `outage`: connections stay open, no byte goes through.
-async fn stalled(proxy: &FaultProxy, outage: Duration) {
-    proxy.stall();
-    sleep(outage).await;
-    proxy.resume();
-}
-
-/// kill -9, a pause, start again.
-async fn bounce(deployment: &mut Deployment, role: Role, outage: Duration) -> Result<()> {
-    deployment.kill(role).await?;
-    sleep(outage).await;
-    deployment.start_service(role).await
 }

@@ -79,9 +79,9 @@ async fn main() -> anyhow::Result<()> {
                 "chaos: {:?}, {} orders, deferral {}",
                 scenario.fault, scenario.orders, scenario.deferral
             );
-            let postgres_url = match scenario.fault {
-                Fault::TwoCallbacks | Fault::StoreDown => Some(kit.postgres.fresh_database().await?.url),
-                _ => None,
+            let postgres_url = match scenario.fault.needs_postgres() {
+                true => Some(kit.postgres.fresh_database().await?.url),
+                false => None,
             };
             let broker = Broker { rabbit: &kit.rabbit, cluster: cluster.as_ref(), postgres_url };
             let outcome = faults::run(&broker, &bin_dir, &scenario)
