@@ -27,8 +27,20 @@ async fn every_scenario_completes_and_loses_nothing() {
     let names: Vec<&str> = report.scenarios.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        ["raw", "naive", "recheck (SQLite)", "recheck (Postgres)", "recheck (SDK, SQLite)", "outbox"]
+        [
+            "raw",
+            "naive",
+            "recheck (SQLite)",
+            "recheck (Postgres)",
+            "recheck (SDK, SQLite)",
+            "outbox",
+            "recheck (SQLite), broker +5ms",
+            "outbox, broker +5ms"
+        ]
     );
+    // The remote-broker row is compared with the outbox behind the same latency.
+    let remote = report.ratios.recheck_p99_over_outbox_p99.iter().find(|(n, _)| n.ends_with("broker +5ms"));
+    assert!(remote.is_some_and(|(_, r)| *r > 0.0), "{:?}", report.ratios);
     for s in &report.scenarios {
         assert_eq!(s.lost, 0, "{} lost messages", s.name);
         assert!(s.messages > 0 && s.per_s > 0.0, "{} measured nothing", s.name);
