@@ -17,6 +17,7 @@
 //! [`MAX_PER_PASS`] messages.
 
 use std::{
+    collections::BTreeMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -43,6 +44,8 @@ pub const MAX_PER_PASS: u32 = 1_000;
 const PASS_TIMEOUT: Duration = Duration::from_secs(60);
 /// The dead-letter reason of a message handed back more than `x-delivery-limit` times.
 const DELIVERY_LIMIT: &str = "delivery_limit";
+/// The header a quorum queue adds to each delivery: not part of the message.
+const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -176,13 +179,7 @@ impl ParkingRecovery {
     async fn republish(&self, delivery: &Delivery, target: &Target) -> Result<(), recheck::Error> {
         let old = delivery.properties.headers().clone().unwrap_or_default();
         let recovered = old.inner().get(HEADER_RECOVERED).and_then(int).unwrap_or(0) + 1;
-        let mut headers: FieldTable = old
-            .inner()
-            .iter()
-            .filter(|(k, _)| !is_death_header(k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<std::collections::BTreeMap<ShortString, AMQPValue>>()
-            .into();
+        let mut headers = without(&old, is_death_header);
         headers.insert(HEADER_RECOVERED.into(), AMQPValue::LongLongInt(recovered));
         tracing::warn!(exchange = %target.exchange, checks = ?target.checks, recovered, "republishing a message parked by the delivery limit");
         self.publisher
@@ -195,15 +192,20 @@ impl ParkingRecovery {
             .await
     }
 
-    /// An unchanged copy of `delivery` back to parking.
+    /// An unchanged copy of `delivery` back to parking (less `x-delivery-count`, which the
+    /// broker adds to each delivery from a quorum queue).
     async fn put_back(&self, delivery: &Delivery) -> Result<(), recheck::Error> {
         let exchange = self.topology.parking_exchange();
+        let mut properties = delivery.properties.clone();
+        if let Some(headers) = delivery.properties.headers() {
+            properties = properties.with_headers(without(headers, |k| k == DELIVERY_COUNT));
+        }
         self.publisher
             .publish(Outgoing {
                 exchange: &exchange,
                 routing_key: delivery.routing_key.as_str(),
                 body: &delivery.data,
-                properties: delivery.properties.clone(),
+                properties,
             })
             .await
     }
@@ -235,10 +237,17 @@ fn last_death(headers: &FieldTable) -> Option<(String, String)> {
     Some((latest.get("queue").and_then(text)?, latest.get("reason").and_then(text)?))
 }
 
-/// Headers the broker writes when it dead-letters; a recovered message starts without them.
+/// `headers` less the ones `drop` names.
+fn without(headers: &FieldTable, drop: impl Fn(&str) -> bool) -> FieldTable {
+    let kept = headers.inner().iter().filter(|(k, _)| !drop(k.as_str()));
+    kept.map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<ShortString, AMQPValue>>().into()
+}
+
+/// Headers the broker writes when it dead-letters or delivers; a recovered message starts
+/// without them.
 fn is_death_header(name: &str) -> bool {
     name == "x-death"
-        || name == "x-delivery-count"
+        || name == DELIVERY_COUNT
         || name.starts_with("x-first-death-")
         || name.starts_with("x-last-death-")
 }

@@ -2,7 +2,9 @@
 //! - a store that fails every statement is waited out in place: the check and confirm deliveries
 //!   are neither requeued hot (which parks them at the delivery limit on RabbitMQ < 4.3) nor parked;
 //! - a check whose CHECK never comes back (lost, or parked after it was recorded) is republished
-//!   by the sweeper, and the message is reconciled.
+//!   by the sweeper, and the message is reconciled;
+//! - a CHECK the broker parked by the delivery limit is taken back from parking by the sweeper,
+//!   while what is parked for a reason stays there, unchanged.
 
 #[macro_use]
 mod common;
@@ -10,11 +12,19 @@ mod common;
 #[allow(dead_code)] // the callback suite uses the rest of it
 mod harness;
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
-use callback_service::store::Status;
+use callback_service::{parking::HEADER_RECOVERED, store::Status};
 use harness::Env;
-use recheck::message::{Check, now_ms};
+use lapin::{
+    BasicProperties,
+    options::BasicGetOptions,
+    types::{AMQPValue, FieldTable},
+};
+use recheck::{
+    Outgoing,
+    message::{Check, CheckBatch, HEADER_PARK_REASON, now_ms},
+};
 use recheck_tests::metrics::{Metrics, get};
 use uuid::Uuid;
 
@@ -98,6 +108,7 @@ async fn a_recorded_check_whose_check_never_comes_back_is_swept_and_reconciled(u
         published_at: now_ms(),
         expect: Some(vec!["points".into()]),
         traceparent: None,
+        reserved: false,
     };
     // Recorded as the reconciler records a first CHECK, never published: nothing else has it.
     env.store.record_first_checks("orders", &[&check]).await.unwrap();
@@ -187,6 +198,7 @@ async fn bulk_redrive_is_bounded_and_idempotent_and_recheck_checks_now(url: &str
         published_at: now_ms(),
         expect: Some(vec!["points".into()]),
         traceparent: None,
+        reserved: false,
     };
     env.store.record_first_checks("orders", &[&check]).await.unwrap();
     let missing = admin.recheck(RecheckRequest { producer: String::new(), limit: 0 }).await.unwrap_err();
@@ -206,4 +218,94 @@ async fn bulk_redrive_is_bounded_and_idempotent_and_recheck_checks_now(url: &str
     }
     assert_eq!(env.hook.calls_for(lost), vec![(1, 1)], "the rechecked message resent once");
     env.shutdown().await;
+}
+
+/// What the sweeper takes back from parking, and what it leaves. Four messages sit in parking as
+/// the broker and the services park them: a CHECK dead-lettered by the checks queue's delivery
+/// limit (`x-death` as the broker writes it, the latest death first, after the delay tier's
+/// expiry); a body that does not decode, dead-lettered the same way; a CHECK the callback parked
+/// itself (`x-recheck-park-reason`); a business message a consumer queue's delivery limit
+/// dead-lettered. Only the first comes back: its message, which the store never saw, is resent
+/// and confirmed. The other three stay parked, their headers as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_parked_by_the_delivery_limit_comes_back_and_the_rest_stays_parked() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
+    let mut env = Env::start(&url, |c| c.sweep_interval = Duration::from_millis(200)).await;
+    env.start_consumer().await;
+    let id = Uuid::now_v7();
+    env.orders.0.lock().unwrap().insert(id, b"{\"order\":\"o-parked\"}".to_vec());
+    let check = Check {
+        message_id: id,
+        routing_key: "order.created".into(),
+        business_key: "o-parked".into(),
+        attempt: 1,
+        published_at: now_ms(),
+        expect: Some(vec!["points".into()]),
+        traceparent: None,
+        reserved: false,
+    };
+    let body = serde_json::to_vec(&CheckBatch::new("orders", vec![check])).unwrap();
+    let tier = "recheck.checks.delay.1s";
+    let by_limit = |queue: &str| deaths(&[(queue, "delivery_limit"), (tier, "expired")]);
+    let mut own = deaths(&[(tier, "expired")]);
+    own.insert(HEADER_PARK_REASON.into(), AMQPValue::LongString("invalid JSON".into()));
+    let stay: [(&[u8], FieldTable); 3] = [
+        (b"{not json", by_limit("recheck.checks")),
+        (b"{\"v\":1,\"producer\":\"orders\",\"checks\":[]}", own),
+        (b"{\"order\":\"o-poison\"}", by_limit("points.orders")),
+    ];
+    for (body, headers) in [(body.as_slice(), by_limit("recheck.checks"))].into_iter().chain(stay.clone()) {
+        let properties = BasicProperties::default().with_headers(headers);
+        let parked = Outgoing { exchange: "recheck.parking", routing_key: "", body, properties };
+        env.publisher.publish(parked).await.unwrap();
+    }
+
+    env.wait_status(id, Status::Confirmed, SOON).await;
+    assert_eq!(env.hook.calls_for(id), vec![(1, 1)], "one resend, from the recovered CHECK");
+    assert_eq!(env.points(id).await, 1);
+    let channel = env.publisher.create_channel().await.unwrap();
+    wait_for("the other three left in parking", SOON, || async {
+        (common::depth(&channel, "recheck.parking").await == 3).then_some(())
+    })
+    .await;
+    // A pass may hold one for a moment (and put a copy back): poll until all three were read.
+    let mut left = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + SOON;
+    while left.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "read back {} of the three", left.len());
+        let options = BasicGetOptions { no_ack: true };
+        let Some(got) = channel.basic_get("recheck.parking".into(), options).await.unwrap() else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut headers = got.delivery.properties.headers().clone().unwrap_or_default().inner().clone();
+        assert!(!headers.contains_key(HEADER_RECOVERED), "{headers:?}");
+        // The broker's count of this delivery, not part of the message.
+        headers.remove("x-delivery-count");
+        let headers = FieldTable::from(headers);
+        let expected = stay.iter().find(|(body, _)| *body == got.delivery.data.as_slice());
+        let (_, sent) = expected.unwrap_or_else(|| panic!("{:?} in parking", got.delivery.data));
+        assert_eq!(&headers, sent, "headers changed in parking");
+        left.insert(got.delivery.data);
+    }
+    env.shutdown().await;
+}
+
+/// `x-death` as the broker writes it: one entry per (queue, reason), the latest first, and the
+/// `x-first-death-*` of the last one.
+fn deaths(latest_first: &[(&str, &str)]) -> FieldTable {
+    let entries = latest_first.iter().map(|(queue, reason)| {
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), AMQPValue::LongString((*queue).into()));
+        death.insert("reason".into(), AMQPValue::LongString((*reason).into()));
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        AMQPValue::FieldTable(death)
+    });
+    let mut headers = FieldTable::default();
+    headers.insert("x-death".into(), AMQPValue::FieldArray(entries.collect::<Vec<_>>().into()));
+    let (queue, reason) = latest_first.last().expect("a death");
+    headers.insert("x-first-death-queue".into(), AMQPValue::LongString((*queue).into()));
+    headers.insert("x-first-death-reason".into(), AMQPValue::LongString((*reason).into()));
+    headers
 }
