@@ -6,10 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use recheck::{
-    Confirmer, ConsumerConfig, ConsumerLoop, Effect, GroupCommitConfig, Publisher, Subscription,
-    SubscriptionConfig, Topology,
-    consume::BatchReport,
-    message::BusinessHeaders,
+    Confirmer, ConsumerConfig, ConsumerLoop, GroupCommitConfig, Publisher, Topology,
     ops::{OpsServer, Readiness},
     shutdown::Loops,
 };
@@ -92,6 +89,10 @@ impl App {
             let faults = faults.clone();
             consumer = consumer.dropping_confirms(move |_| faults.drop_confirm_now());
         }
+        if faults.drops_messages() {
+            let faults = faults.clone();
+            consumer = consumer.dropping_messages(move |h| faults.drop_message(h.message_id, h.attempt));
+        }
 
         tracing::info!(consumer = %c.store.consumer, queue = %c.queue, "downstream demo started");
         // A consumer loop that dies fails readiness and stops the service with the reason,
@@ -104,11 +105,7 @@ impl App {
             .loops(&loops)
             .consuming("consuming", &subscription.consuming);
         let consuming = async {
-            let report = if faults.drops_messages() {
-                losing_messages(consumer, &self.publisher, subscription, &faults, &stop).await
-            } else {
-                consumer.run(stop.clone()).await
-            }?;
+            let report = consumer.run(stop.clone()).await?;
             tracing::info!(?report, "consumer stopped");
             Ok::<(), recheck::Error>(())
         };
@@ -120,41 +117,4 @@ impl App {
         self.pool.close().await;
         loops.result().map_err(anyhow::Error::msg)
     }
-}
-
-/// `ConsumerLoop::run` with a lossy link in front (fault `--drop-message-rate`): a delivery the
-/// dice pick is acked before the SDK sees it, as if the broker had lost it for this consumer only.
-async fn losing_messages<E: Effect>(
-    consumer: ConsumerLoop<E>,
-    publisher: &Publisher,
-    config: SubscriptionConfig,
-    faults: &Faults,
-    shutdown: &CancellationToken,
-) -> recheck::Result<BatchReport> {
-    let mut subscription = Subscription::new(publisher.clone(), config).await?;
-    let mut total = BatchReport::default();
-    while let Some(batch) = subscription.next_batch(shutdown).await? {
-        let mut kept = Vec::with_capacity(batch.len());
-        for d in batch {
-            // Unreadable headers are the SDK's to park, never a fault to inject.
-            let lost = BusinessHeaders::from_properties(&d.properties)
-                .is_ok_and(|h| faults.drop_message(h.message_id, h.attempt));
-            if !lost {
-                kept.push(d);
-            } else if let Err(e) = recheck::subscription::ack(&d, false).await {
-                tracing::warn!(error = %e, "acking a dropped message failed; it comes back");
-            } else {
-                tracing::debug!("business message dropped (--drop-message-rate)");
-            }
-        }
-        if kept.is_empty() {
-            continue;
-        }
-        match consumer.handle_batch(kept, shutdown).await {
-            Ok(report) => total += report,
-            Err(e) => tracing::warn!(error = %e, "batch failed; redelivering"),
-        }
-    }
-    subscription.close().await;
-    Ok(total)
 }

@@ -92,7 +92,7 @@ pub struct Config {
 /// Fault injection, all off by default: the demo shows Recheck repairing them.
 #[derive(Debug, Clone, Default, Args)]
 pub struct FaultArgs {
-    /// Fraction of deliveries whose transaction fails before commit (rolled back, redelivered).
+    /// Fraction of orders whose effect fails before commit (rolled back, retried in place).
     #[arg(long, env = "RECHECK_FAIL_RATE", default_value_t = 0.0, value_parser = parse_fraction)]
     pub fail_rate: f64,
 

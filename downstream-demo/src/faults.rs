@@ -2,10 +2,10 @@
 //! is built to repair, so a run with faults on must still end with every order
 //! awarded exactly once or visibly rejected.
 //!
-//! - fail: the transaction fails after the points insert and rolls back; the
-//!   delivery is redelivered. Each delivery rolls its own dice, so a message is
-//!   not failed forever; the queue parks one failing `delivery-limit` (10) times
-//!   in a row, which at a few percent is ~rate^10: never in practice.
+//! - fail: the effect fails after the points insert and rolls back (a batch is
+//!   then redone order by order, each rolling again); a failed order's delivery
+//!   is held unacked and retried in place after a growing delay, never requeued.
+//!   Each try rolls its own dice, so a message is not failed forever.
 //! - reject: a business refusal, decided by the message id alone (see
 //!   [`blocked`]): a redelivery or a resend after a rollback decides the same.
 //!   Once committed, the inbox re-confirms the stored rejection anyway.
@@ -72,7 +72,7 @@ impl Faults {
         self.slow
     }
 
-    /// Should this delivery's transaction fail? Rolled anew for every delivery.
+    /// Should this order's effect fail? Rolled anew for every try.
     pub fn fail_now(&self) -> bool {
         self.roll(self.fail_rate)
     }
