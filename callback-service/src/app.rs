@@ -95,6 +95,7 @@ impl App {
                 max_rpcs_per_producer: c.max_rpcs_per_producer,
                 max_deferral: c.max_deferral,
                 max_checks_in_flight: c.max_checks_in_flight,
+                resend_batch: c.resend_batch,
             },
             c.limits(),
             Breakers::new(c.breaker()),

@@ -96,6 +96,13 @@ pub struct Config {
     #[arg(long, env = "RECHECK_MAX_CHECKS_IN_FLIGHT", default_value_t = 1000, value_parser = at_least_one)]
     pub max_checks_in_flight: usize,
 
+    /// Send the unconfirmed checks of one CHECK delivery to their producer in one `ResendBatch`
+    /// call (a hook answering UNIMPLEMENTED is called with `Resend` per id, re-asked every
+    /// 10 min); `false`: one `Resend` per check, always.
+    #[arg(long, env = "RECHECK_RESEND_BATCH", default_value_t = true, action = clap::ArgAction::Set,
+        num_args = 0..=1, default_missing_value = "true")]
+    pub resend_batch: bool,
+
     /// Unacked CONFIRM deliveries in flight (AMQP prefetch of the confirms consumer).
     #[arg(long, env = "RECHECK_CONFIRM_PREFETCH", default_value_t = 2000, value_parser = clap::value_parser!(u16).range(1..))]
     pub confirm_prefetch: u16,

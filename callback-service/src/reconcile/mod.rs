@@ -3,14 +3,16 @@
 //! publish the next CHECK (broker-confirmed), record the outcome, then ack.
 //!
 //! Each check runs: record → claim attempt `n` (conditional update) → RPC with
-//! attempt `n + 1` → publish next CHECK → finish (conditional on `n + 1`) → ack.
+//! attempt `n + 1` → publish next CHECK → finish (conditional on `n + 1`) → ack. The RPC is
+//! one `ResendBatch` for all the claimed checks of a delivery (`resend.rs`).
 //! A crash anywhere leaves a redelivered check that either finds its attempt
 //! taken and scheduled (nothing to do), or taken and never scheduled: after a
 //! lease it publishes the missing next CHECK itself.
 
 mod decide;
+mod resend;
 
-use decide::span;
+use decide::{Step, span};
 
 use std::{
     collections::HashMap,
@@ -54,6 +56,9 @@ pub struct Policy {
     pub max_deferral: Duration,
     /// Checks decided at once, over all deliveries: what bounds memory in a backlog.
     pub max_checks_in_flight: usize,
+    /// A delivery's unconfirmed checks go to their producer as one `ResendBatch` (else one
+    /// `Resend` each): `--resend-batch`.
+    pub resend_batch: bool,
 }
 
 /// Counters since start.
@@ -95,6 +100,8 @@ pub struct Reconciler {
     pub breakers: Breakers,
     /// One slow producer uses up only its own slots.
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Producers whose hook answered `ResendBatch` with `UNIMPLEMENTED`, and since when.
+    batch_unimplemented: Mutex<HashMap<String, std::time::Instant>>,
     /// One permit per check being decided ([`Policy::max_checks_in_flight`]).
     checks_in_flight: Semaphore,
 }
@@ -141,6 +148,7 @@ impl Reconciler {
             counters: Arc::default(),
             backlog: None,
             slots: Mutex::default(),
+            batch_unimplemented: Mutex::default(),
         }
     }
 
@@ -195,6 +203,14 @@ impl Reconciler {
         let content_type = delivery.properties.content_type().as_ref().map(|c| c.as_str());
         let batch = CheckBatch::decode(&delivery.data, content_type, self.limits)?;
         metrics::histogram!(telemetry::RECONCILE_BATCH_SIZE).record(batch.checks.len() as f64);
+        if batch.release {
+            // Reserved ids the producer never handed out: recorded `unused`, so their reserved
+            // CHECKs, due later, find them settled and make no hook call.
+            let released = self.store.release(&batch.producer, &batch.checks).await?;
+            metrics::counter!(telemetry::CHECKS, "result" => "released").increment(released);
+            tracing::debug!(producer = %batch.producer, released, "reservations released");
+            return Ok(());
+        }
         // The deliveries are bounded by the prefetch, their checks here; a delivery bigger than
         // the bound takes all of it and goes alone.
         let permits = batch.checks.len().min(self.policy.max_checks_in_flight);
@@ -294,12 +310,21 @@ impl Reconciler {
             }
             plans.push(plan);
         }
-        let decided = futures_util::future::try_join_all(open.into_iter().map(|(i, check, row)| {
-            let decide = self.decide(producer, check, row).instrument(span(producer, check));
-            async move { Ok::<_, HandleError>((i, decide.await?)) }
+        let steps = futures_util::future::try_join_all(open.into_iter().map(|(i, check, row)| {
+            let span = span(producer, check);
+            let prepare = self.prepare(producer, check, row, span.clone()).instrument(span);
+            async move { Ok::<_, HandleError>((i, prepare.await?)) }
         }))
         .await?;
-        for (i, plan) in decided {
+        // What is left needs the hook: the delivery's calls go together (one `ResendBatch`).
+        let mut calls = Vec::new();
+        for (i, step) in steps {
+            match step {
+                Step::Decided(plan) => plans[i] = Some(plan),
+                Step::Call(call) => calls.push((i, call)),
+            }
+        }
+        for (i, plan) in self.resend_all(producer, calls).await? {
             plans[i] = Some(plan);
         }
         Ok(plans.into_iter().map(|p| p.expect("every check decided")).collect())
