@@ -1,9 +1,11 @@
 //! The contract, not the Rust SDK, is the integration surface: the Python producer and consumer
 //! of `examples/python/` (aio-pika + grpcio, stubs generated from `proto/`) run against the real
-//! `callback-service` binary on a fresh vhost. The producer creates orders and drops every 10th
+//! `callback-service` binary on a fresh vhost. The producer creates orders and drops every 5th
 //! business message after its commit (a crash between commit and publish); every message must
 //! end `confirmed`, the dropped ones through the producer's Python `ResendHook`, and the
-//! consumer's effect table must hold each order exactly once.
+//! consumer's effect table must hold each order exactly once. The Python hook serves only
+//! `Resend` (it was written before `ResendBatch`): the callback service's fallback keeps it
+//! working unchanged.
 //!
 //! Python comes from `target/python-venv` (created by `scripts/test` from
 //! `examples/python/requirements.txt`), or `RECHECK_TEST_PYTHON`. Without it the test fails.
@@ -21,7 +23,9 @@ use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep};
 
 const ORDERS: i64 = 50;
-const DROP_EVERY: i64 = 10;
+/// Every 5th: orders go 16 at a time, so one CHECK message holds several dropped ones, which the
+/// callback service first offers the Python hook as one `ResendBatch` (it serves only `Resend`).
+const DROP_EVERY: i64 = 5;
 const PRODUCER: &str = "orders";
 const CONSUMER: &str = "shipping";
 const QUEUE: &str = "shipping.order-created";
@@ -191,6 +195,14 @@ async fn run(dir: &Path) -> Result<()> {
         "confirmed {ORDERS}, dropped {} (resends {:?}), shipped each once",
         dropped.len(),
         dropped.iter().map(|s| resends[s]).collect::<Vec<_>>()
+    );
+
+    // The Python hook predates ResendBatch: the callback service asked for one, got
+    // UNIMPLEMENTED, and resent every dropped order through Resend (checked above).
+    let callback_log = std::fs::read_to_string(dir.join("callback-service.log"))?;
+    ensure!(
+        callback_log.contains("does not serve ResendBatch"),
+        "no ResendBatch fell back to Resend: were no two dropped orders' checks in one CHECK message?"
     );
 
     // SIGTERM: the Python services stop cleanly (exit 0), then the callback service.
