@@ -61,13 +61,26 @@ impl ResendHook for Hangs {
 }
 
 /// One CHECK of 200 open messages for a hook that accepts calls and never answers, with 4 RPC
-/// slots and a 1 s RPC timeout: the first two rounds of calls time out and the fifth failure
-/// opens the circuit. The checks still waiting for a slot then defer without calling, so the
-/// calls that reach the hook stop at the ones made before it opened (threshold + slots), and
-/// when the deferred checks come round again only the half-open probes get through. Were the
-/// circuit looked at before the slot, all 200 would call, one timeout each.
+/// slots, a 1 s RPC timeout and one `Resend` per check: the first two rounds of calls time out
+/// and the fifth failure opens the circuit. The checks still waiting for a slot then defer
+/// without calling, so the calls that reach the hook stop at the ones made before it opened
+/// (threshold + slots), and when the deferred checks come round again only the half-open probes
+/// get through. Were the circuit looked at before the slot, all 200 would call, one timeout each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hook_that_never_answers_gets_no_more_calls_once_its_circuit_opens() {
+    hook_that_never_answers(false).await;
+}
+
+/// The same hook with `ResendBatch` on (the default): it answers the batch UNIMPLEMENTED, and
+/// the delivery's claimed checks fall back to `Resend` per id. Those calls must stop once the
+/// circuit opens too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: the ResendBatch UNIMPLEMENTED fallback (reconcile/resend.rs) calls every claimed check, circuit open or not: 200 calls"]
+async fn a_hook_that_never_answers_gets_no_more_calls_once_its_circuit_opens_after_a_batch() {
+    hook_that_never_answers(true).await;
+}
+
+async fn hook_that_never_answers(resend_batch: bool) {
     const CHECKS: u32 = 200;
     const SLOTS: u32 = 4;
     const THRESHOLD: u32 = 5;
@@ -86,6 +99,7 @@ async fn a_hook_that_never_answers_gets_no_more_calls_once_its_circuit_opens() {
         c.rpc_timeout = Duration::from_secs(1);
         c.max_rpcs_per_producer = SLOTS as usize;
         c.breaker_threshold = THRESHOLD;
+        c.resend_batch = resend_batch;
     })
     .await;
     let deferred = |m: &Metrics| m.sum("recheck_checks_deferred_total", &[("reason", "circuit")]) as u32;
