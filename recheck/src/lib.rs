@@ -121,7 +121,7 @@
 //!         sqlx::query("INSERT INTO points (order_id, points) VALUES ($1, 10)")
 //!             .bind(&msg.headers.business_key)
 //!             .execute(&mut *tx)
-//!             .await?; // a database error is transient: rolled back, redelivered
+//!             .await?; // an Err rolls back: retried in place (a constraint or bad value: parked)
 //!         Ok(Applied::Processed)
 //!     }
 //! }
