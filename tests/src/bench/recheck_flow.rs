@@ -101,7 +101,9 @@ async fn measure(
         ProducerConfig {
             check_delay: o.check_delay,
             grace: Duration::from_secs(2),
-            reserve: o.reserve.then(|| ReserveConfig { max_age: Duration::from_secs(3), ..ReserveConfig::default() }),
+            reserve: o
+                .reserve
+                .then(|| ReserveConfig { max_age: Duration::from_secs(3), ..ReserveConfig::default() }),
             ..ProducerConfig::new("orders")
         },
     );
@@ -137,7 +139,9 @@ async fn measure(
     ];
     targets.extend(env.server_targets(store == CallbackStore::Postgres));
     let meter = Meter::start(targets);
+    let pool_before = Pool::read(deployment, source).await;
     let created = phase(o.offered_orders, o.messages, 0).await?;
+    let pool_after = Pool::read(deployment, source).await;
     created.ensure_ok(&format!("{name}: creates"))?;
     // The unused reservations go back now, so their checks cost no hook call.
     producer.close().await;
@@ -153,7 +157,7 @@ async fn measure(
     broker::wait_drained(&link.create_channel().await?, &queues, Instant::now() + o.deadline).await?;
     let processes = meter.finish(created.done).await;
     let unused = count_rows(&callback_db, "SELECT COUNT(*) FROM messages WHERE status = 'unused'").await?;
-    let reservations = reservations_note(deployment, source, unused.max(0) as u64, total).await;
+    let reservations = Pool::note(pool_before, pool_after, unused.max(0) as u64, created.done, total);
     link.close().await;
     callback_db.close().await;
 
@@ -204,26 +208,48 @@ async fn measure(
     })
 }
 
-/// How the run used reserved CHECKs: prepares served from the pool, and the ids that went unused
-/// (`unused` rows: expired in the pool, or released; for the SDK row its whole pool, given back
-/// at the end).
-async fn reservations_note(deployment: &Deployment, source: Source, unused: u64, total: u64) -> String {
-    let share = |n: f64| 100.0 * n / total.max(1) as f64;
-    let unused = format!("{unused} unused ids settled during the run ({:.2} % of messages)", share(unused as f64));
-    if source == Source::Sdk {
-        return format!("reservations: {unused}, the pool released at the end included");
-    }
-    match deployment.scrape(Role::Upstream).await {
-        Ok(m) => {
-            let from_pool = m.sum("recheck_prepared_total", &[("path", "reserved")]);
-            let held = m.sum("recheck_reserved_total", &[]) - from_pool - m.sum("recheck_released_total", &[]);
-            format!(
-                "reservations: {from_pool} prepares from the pool ({:.1} %), {unused}; {held} held at the \
-                 end (released at shutdown)",
-                share(from_pool)
-            )
+/// upstream-demo's reservation counters at one moment (`None`: not read, or the SDK row).
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    from_pool: f64,
+    reserved: f64,
+    released: f64,
+}
+
+impl Pool {
+    async fn read(deployment: &Deployment, source: Source) -> Option<Self> {
+        if source == Source::Sdk {
+            return None;
         }
-        Err(e) => format!("reservations: {unused}; producer metrics unread ({e:#})"),
+        let m = deployment.scrape(Role::Upstream).await.ok()?;
+        Some(Self {
+            from_pool: m.sum("recheck_prepared_total", &[("path", "reserved")]),
+            reserved: m.sum("recheck_reserved_total", &[]),
+            released: m.sum("recheck_released_total", &[]),
+        })
+    }
+
+    /// How the run used reserved CHECKs: prepares served from the pool during the saturated
+    /// phase, ids that aged out in the pool *during* it (the steady waste), the pool held when it
+    /// ended (given back once idle, as at a shutdown), and every `unused` row of the run.
+    fn note(before: Option<Self>, after: Option<Self>, unused: u64, created: u64, total: u64) -> String {
+        let share = |n: f64, of: u64| 100.0 * n / of.max(1) as f64;
+        let unused = format!(
+            "{unused} unused ids over the whole run ({:.2} % of its messages)",
+            share(unused as f64, total)
+        );
+        let (Some(b), Some(a)) = (before, after) else {
+            return format!("reservations: {unused}, the pool given back at the end included");
+        };
+        let from_pool = a.from_pool - b.from_pool;
+        let wasted = a.released - b.released;
+        let held = a.reserved - a.from_pool - a.released;
+        format!(
+            "reservations, saturated phase: {from_pool} prepares from the pool ({:.1} %), {wasted} ids aged out \
+             in it ({:.2} %), {held} held when it ended; {unused}",
+            share(from_pool, created),
+            share(wasted, created)
+        )
     }
 }
 
