@@ -75,7 +75,11 @@ async fn transient_in_place(store: &Store) {
     // Tries in place (after the batch and its redo) wait at least 100 ms between them: no hot loop.
     for pair in tries[1..].windows(2) {
         let gap = pair[1].at - pair[0].at;
-        assert!(gap >= Duration::from_millis(100), "{label}: tries {gap:?} apart: {:?}", tries.iter().map(|c| c.at - tries[0].at).collect::<Vec<_>>());
+        assert!(
+            gap >= Duration::from_millis(100),
+            "{label}: tries {gap:?} apart: {:?}",
+            tries.iter().map(|c| c.at - tries[0].at).collect::<Vec<_>>()
+        );
     }
 
     // Failing at shutdown: handed back to the queue, not parked.
