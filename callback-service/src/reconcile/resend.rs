@@ -89,18 +89,28 @@ impl Reconciler {
         // hook that accepts and never answers times out one call per slot) defer instead of
         // adding their own timeout, so an open circuit stops the checks already in flight too.
         let slot = self.slot(producer).acquire_owned().await?;
-        if let Gate::Open { retry_in, failing_since } = self.breakers.gate(producer) {
-            let plans = group
-                .into_iter()
-                .map(|(i, call)| (i, self.circuit_open(call.check, retry_in, failing_since)));
-            return Ok(plans.collect());
+        let mut group = group;
+        let mut plans = Vec::with_capacity(group.len());
+        match self.breakers.gate(producer) {
+            Gate::Open { retry_in, failing_since } => {
+                let open = group.into_iter();
+                let open = open.map(|(i, call)| (i, self.circuit_open(call.check, retry_in, failing_since)));
+                return Ok(open.collect());
+            }
+            // A half-open circuit's probe is one check: a hook still down then costs one id an
+            // attempt (and a longer backoff), not a whole batch; the others wait one round.
+            Gate::Pass { probe: true } if group.len() > 1 => {
+                for (i, call) in group.drain(1..) {
+                    plans.push((i, self.circuit_deferred(call.check, self.shortest_tier())));
+                }
+            }
+            Gate::Pass { .. } => {}
         }
         let claims = try_join_all(group.into_iter().map(|(index, call)| async move {
             let claim = self.store.claim(&call.row.message_id, call.check.attempt);
             Ok::<_, HandleError>((index, claim.instrument(call.span.clone()).await?, call))
         }))
         .await?;
-        let mut plans = Vec::with_capacity(claims.len());
         let mut claimed = Vec::with_capacity(claims.len());
         for (index, resends, call) in claims {
             match resends {
@@ -265,9 +275,13 @@ impl Reconciler {
             let reason = format!("producer unreachable: circuit open since {failing_since} (ms)");
             return Plan::Finish { attempt: check.attempt, outcome: failed(reason), next: None };
         }
+        self.circuit_deferred(check, retry_in.max(self.shortest_tier()))
+    }
+
+    fn circuit_deferred(&self, check: &Check, delay: Duration) -> Plan {
         self.counters.circuit_deferred.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::CHECKS_DEFERRED, "reason" => "circuit").increment(1);
-        Plan::Defer { check: check.clone(), delay: retry_in.max(self.shortest_tier()) }
+        Plan::Defer { check: check.clone(), delay }
     }
 
     /// Whether `producer`'s checks go out as `ResendBatch` now.

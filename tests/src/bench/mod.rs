@@ -15,6 +15,7 @@
 
 pub mod broker;
 pub mod callback;
+pub mod drain;
 pub mod load;
 pub mod naive;
 pub mod outbox;
@@ -59,6 +60,8 @@ pub enum Part {
     Callback,
     /// The callback service's memory with a backlog.
     Backlog,
+    /// Drain after a hook outage: `ResendBatch` against one `Resend` per message.
+    Drain,
 }
 
 /// What to run and how big.
@@ -102,6 +105,13 @@ pub struct BenchOptions {
     /// How long the callback service works on each backlog.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub backlog_window: Duration,
+    /// Messages waiting for a resend when the hook comes back (the drain figure).
+    #[arg(long, default_value_t = 50_000)]
+    pub drain_messages: u64,
+    /// How long the hook stays down once every waiting message is recorded: longer than the
+    /// largest tier, so the checks that failed before the circuit opened are deferred too.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub drain_outage: Duration,
     /// Ids per CHECK / CONFIRM message in the pre-filled queues.
     #[arg(long, default_value_t = 100)]
     pub ids_per_message: usize,
@@ -129,6 +139,9 @@ impl BenchOptions {
         self.callback_messages = 2_000;
         self.backlog = vec![1_000, 5_000];
         self.backlog_window = Duration::from_secs(2);
+        self.drain_messages = 500;
+        // Just past the largest default tier (5 s).
+        self.drain_outage = Duration::from_secs(6);
         self.deadline = self.deadline.min(Duration::from_secs(120));
         self
     }
@@ -324,6 +337,15 @@ pub async fn run(
             }
         }
     }
+    let mut drain = Vec::new();
+    if env.options.runs(Part::Drain) {
+        for store in stores {
+            match drain::run(&env, store).await {
+                Ok(rows) => drain.extend(rows),
+                Err(e) => note(&format!("drain after a hook outage ({})", store.label()), e),
+            }
+        }
+    }
     let rabbitmq = kit.rabbit.ctl(&["version"]).await.map(|v| v.trim().to_owned()).unwrap_or_default();
     let report = Report {
         machine: Machine {
@@ -339,6 +361,7 @@ pub async fn run(
         scenarios,
         callback_rates,
         backlog,
+        drain,
     };
     Ok((report, errors))
 }

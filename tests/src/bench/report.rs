@@ -78,6 +78,19 @@ pub struct Backlog {
     pub window_s: f64,
 }
 
+/// Drain after a hook outage (`drain.rs`): messages waiting for a resend when the hook comes back,
+/// and the time until all are confirmed, per way of calling the hook.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    pub variant: String,
+    pub messages: u64,
+    pub seconds: f64,
+    pub per_s: f64,
+    /// `Resend` and `ResendBatch` calls the callback service made over the run.
+    pub hook_rpcs: u64,
+    pub lost: u64,
+}
+
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -87,6 +100,7 @@ pub struct Report {
     pub ratios: Ratios,
     pub callback_rates: Vec<CallbackRates>,
     pub backlog: Vec<Backlog>,
+    pub drain: Vec<Drain>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,10 +142,14 @@ impl Ratios {
             let create_order = !s.name.contains("SDK");
             // A remote-broker row compares with the outbox behind the same latency.
             let outbox = match s.name.split_once(", broker +") {
-                Some((_, latency)) => scenarios.iter().find(|o| o.name == format!("outbox, broker +{latency}")),
+                Some((_, latency)) => {
+                    scenarios.iter().find(|o| o.name == format!("outbox, broker +{latency}"))
+                }
                 None => find("outbox"),
             };
-            if let (true, Some(mine), Some(outbox)) = (create_order, s.offered, outbox.and_then(|o| o.offered)) {
+            if let (true, Some(mine), Some(outbox)) =
+                (create_order, s.offered, outbox.and_then(|o| o.offered))
+            {
                 let ratio = mine.latency_us.p99 as f64 / outbox.latency_us.p99.max(1) as f64;
                 ratios.recheck_p99_over_outbox_p99.push((s.name.clone(), ratio));
             }
@@ -282,6 +300,34 @@ impl fmt::Display for Report {
                     count(b.taken as f64),
                     b.window_s
                 )?;
+            }
+        }
+        if !self.drain.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "| drain after a hook outage | messages waiting | until all confirmed (s) | confirmed /s | hook RPCs | lost |"
+            )?;
+            writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+            for d in &self.drain {
+                writeln!(
+                    f,
+                    "| {} | {} | {:.1} | {} | {} | {} |",
+                    d.variant,
+                    count(d.messages as f64),
+                    d.seconds,
+                    count(d.per_s),
+                    count(d.hook_rpcs as f64),
+                    d.lost
+                )?;
+            }
+            writeln!(f)?;
+            // Rows come in pairs per store: ResendBatch, then one Resend per message.
+            for pair in self.drain.chunks(2) {
+                if let [batch, per_id] = pair {
+                    let ratio = per_id.seconds / batch.seconds.max(1e-3);
+                    writeln!(f, "- drain, {} ÷ {} (target ≥ 10): {ratio:.1}", per_id.variant, batch.variant)?;
+                }
             }
         }
         Ok(())
