@@ -211,6 +211,12 @@ impl Reconciler {
                 drop(slot);
                 let singles = claimed.iter().map(|c| async move {
                     let _slot = self.slot(producer).acquire_owned().await?;
+                    // The circuit may have opened while this id waited for a slot (a hook that
+                    // hangs): claimed already, it is answered as a failed call without one, and
+                    // checked again after the backoff (not a resend, no breaker count).
+                    if let Gate::Open { .. } = self.breakers.gate(producer) {
+                        return Ok(Err(Status::unavailable("the producer's circuit is open; not called")));
+                    }
                     Ok::<_, HandleError>(self.call_one(producer, client, c).await)
                 });
                 return try_join_all(singles).await;
