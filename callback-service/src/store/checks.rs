@@ -8,8 +8,8 @@ use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
 use super::{
-    CHUNK_ROWS, MessageRow, RawMessage, Result, Status, Store, id_text, message_from, placeholders,
-    record_transition, select_messages,
+    MessageRow, RawMessage, Result, Status, Store, id_text, message_from, placeholders, record_transition,
+    select_messages,
 };
 
 impl MessageRow {
@@ -227,8 +227,9 @@ impl Store {
 
     /// The rows of these ids (one statement per [`CHUNK_ROWS`] ids); ids without a row are absent.
     pub async fn get_many(&self, message_ids: &[String]) -> Result<HashMap<String, MessageRow>> {
+        let chunk_rows = self.chunk_rows();
         let mut rows = HashMap::with_capacity(message_ids.len());
-        for ids in message_ids.chunks(CHUNK_ROWS) {
+        for ids in message_ids.chunks(chunk_rows) {
             let sql = format!(
                 concat!(select_messages!("WHERE message_id IN ("), "{})"),
                 placeholders(ids.len(), 1)

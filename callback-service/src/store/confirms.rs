@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use recheck::message::{Confirm, Outcome, now_ms};
 use sqlx::{AnyConnection, AssertSqlSafe};
 
-use super::{CHUNK_ROWS, Result, Status, Store, id_text, placeholders, settle::Expected, tuples};
+use super::{Result, Status, Store, chunk_rows, id_text, placeholders, settle::Expected, tuples};
 
 /// What one ingest transaction did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +109,7 @@ impl RowState {
 impl Store {
     /// Persists a batch of confirms (consumer, confirm) in one transaction.
     pub async fn ingest_confirms(&self, batch: &[(String, Confirm)]) -> Result<IngestReport> {
+        let chunk_rows = self.chunk_rows();
         let mut report = IngestReport { confirms: batch.len(), ..Default::default() };
         let now = now_ms();
         // Rows are locked in one order (message id, consumer) by every instance: two batches that
@@ -122,7 +123,7 @@ impl Store {
         ordered.sort_by(|a, b| (a.confirm.message_id, a.consumer).cmp(&(b.confirm.message_id, b.consumer)));
         let mut tx = self.begin().await?;
         // A message's confirms may straddle two chunks: the second sees what the first stored.
-        for chunk in ordered.chunks(CHUNK_ROWS) {
+        for chunk in ordered.chunks(chunk_rows) {
             ingest_chunk(&mut tx, chunk, now, &mut report).await?;
         }
         tx.commit().await?;
@@ -223,13 +224,14 @@ fn settling<'a>(
 /// another committed (two consumers' confirms in concurrent batches once both waited for the next
 /// check), and the id order keeps two batches from deadlocking.
 async fn insert_or_lock(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Result<()> {
-    for ids in ids.chunks(CHUNK_ROWS) {
+    let chunk_rows = chunk_rows(tx);
+    for ids in ids.chunks(chunk_rows) {
         let sql = format!(
             "INSERT INTO messages (message_id, status, created_at, updated_at) VALUES {}
              ON CONFLICT (message_id) DO UPDATE SET updated_at = messages.updated_at WHERE 1 = 0",
             tuples(ids.len(), 2, &[None, Some("'pending'"), Some("$1"), Some("$1")])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(ids.len() == CHUNK_ROWS).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(ids.len() == chunk_rows).bind(now);
         for id in ids {
             query = query.bind(*id);
         }
@@ -240,15 +242,16 @@ async fn insert_or_lock(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Resul
 
 /// Status, expect and attempt of every id (each has a row by now).
 async fn read_rows(tx: &mut AnyConnection, ids: &[&str]) -> Result<HashMap<String, RowState>> {
+    let chunk_rows = chunk_rows(tx);
     let mut rows = HashMap::with_capacity(ids.len());
-    for ids in ids.chunks(CHUNK_ROWS) {
+    for ids in ids.chunks(chunk_rows) {
         let sql = format!(
             "SELECT message_id, status, producer, expect, attempt FROM messages WHERE message_id IN ({})",
             placeholders(ids.len(), 1)
         );
         let mut query =
             sqlx::query_as::<_, (String, String, String, Option<String>, i64)>(AssertSqlSafe(sql))
-                .persistent(ids.len() == CHUNK_ROWS);
+                .persistent(ids.len() == chunk_rows);
         for id in ids {
             query = query.bind(*id);
         }
@@ -275,14 +278,15 @@ pub(super) async fn read_confirms(
     tx: &mut AnyConnection,
     ids: &[&str],
 ) -> Result<HashMap<String, HashMap<String, Outcome>>> {
+    let chunk_rows = chunk_rows(tx);
     let mut stored: HashMap<String, HashMap<String, Outcome>> = HashMap::new();
-    for ids in ids.chunks(CHUNK_ROWS) {
+    for ids in ids.chunks(chunk_rows) {
         let sql = format!(
             "SELECT message_id, consumer, outcome FROM confirms WHERE message_id IN ({})",
             placeholders(ids.len(), 1)
         );
         let mut query = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql))
-            .persistent(ids.len() == CHUNK_ROWS);
+            .persistent(ids.len() == chunk_rows);
         for id in ids {
             query = query.bind(*id);
         }
@@ -298,6 +302,7 @@ pub(super) async fn read_confirms(
 /// Stores the confirms. A `duplicate` never overwrites what the consumer first said; repeats of
 /// one (id, consumer) are folded the same way first (one statement may not update a row twice).
 async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -> Result<()> {
+    let chunk_rows = chunk_rows(tx);
     let mut rows: Vec<&Item> = Vec::with_capacity(items.len());
     for item in items {
         match rows.last_mut() {
@@ -309,7 +314,7 @@ async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -
             _ => rows.push(item),
         }
     }
-    for rows in rows.chunks(CHUNK_ROWS) {
+    for rows in rows.chunks(chunk_rows) {
         let sql = format!(
             "INSERT INTO confirms (message_id, consumer, outcome, detail, processed_at, received_at)
              VALUES {}
@@ -318,7 +323,7 @@ async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -
              WHERE confirms.outcome = 'duplicate'",
             tuples(rows.len(), 2, &[None, None, None, None, None, Some("$1")])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(rows.len() == CHUNK_ROWS).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(rows.len() == chunk_rows).bind(now);
         for item in rows {
             query = query
                 .bind(item.id.as_str())
@@ -341,20 +346,21 @@ pub(super) async fn move_rows<'a>(
     moves: Vec<Move<'a>>,
     now: i64,
 ) -> Result<Vec<Move<'a>>> {
+    let chunk_rows = chunk_rows(tx);
     let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     for m in &moves {
         groups.entry((m.from.as_str(), m.settled.to().as_str())).or_default().push(m.id);
     }
     let mut moved: HashSet<String> = HashSet::with_capacity(moves.len());
     for ((from, to), ids) in groups {
-        for ids in ids.chunks(CHUNK_ROWS) {
+        for ids in ids.chunks(chunk_rows) {
             let sql = format!(
                 "UPDATE messages SET status = $1, updated_at = $2
                  WHERE status = $3 AND message_id IN ({}) RETURNING message_id",
                 placeholders(ids.len(), 4)
             );
             let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-                .persistent(ids.len() == CHUNK_ROWS)
+                .persistent(ids.len() == chunk_rows)
                 .bind(to)
                 .bind(now)
                 .bind(from);
@@ -371,12 +377,13 @@ pub(super) async fn move_rows<'a>(
 
 /// One history row per move, in id order.
 pub(super) async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], now: i64) -> Result<()> {
-    for moved in moved.chunks(CHUNK_ROWS) {
+    let chunk_rows = chunk_rows(tx);
+    for moved in moved.chunks(chunk_rows) {
         let sql = format!(
             "INSERT INTO history (message_id, at, from_status, to_status, attempt, reason) VALUES {}",
             tuples(moved.len(), 2, &[None, Some("$1"), None, None, None, None])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(moved.len() == CHUNK_ROWS).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(moved.len() == chunk_rows).bind(now);
         for m in moved {
             query = query
                 .bind(m.id)

@@ -8,8 +8,9 @@ use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
 use super::{
-    CHUNK_ROWS, MessageRow, RawMessage, Result, Status, Store,
+    MessageRow, RawMessage, Result, Status, Store,
     checks::advance,
+    chunk_rows,
     confirms::{Move, Settled, append_history, move_rows, read_confirms},
     expect_text, id_text, message_from, placeholders, select_messages,
     settle::{Expected, confirmers},
@@ -34,13 +35,14 @@ impl Store {
         producer: &str,
         checks: &[&Check],
     ) -> Result<HashMap<String, MessageRow>> {
+        let chunk_rows = self.chunk_rows();
         let now = now_ms();
         let mut checks: Vec<(String, &Check)> = checks.iter().map(|c| (id_text(c.message_id), *c)).collect();
         checks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         checks.dedup_by(|a, b| a.0 == b.0);
         let mut tx = self.begin().await?;
         let mut rows = HashMap::with_capacity(checks.len());
-        for chunk in checks.chunks(CHUNK_ROWS) {
+        for chunk in checks.chunks(chunk_rows) {
             upsert(&mut tx, producer, chunk, now).await?;
             for (id, check) in chunk.iter().filter(|(_, c)| c.attempt > 0) {
                 advance(&mut tx, id, check.attempt, now).await?;
@@ -63,6 +65,7 @@ async fn upsert(
     checks: &[(String, &Check)],
     now: i64,
 ) -> Result<()> {
+    let chunk_rows = chunk_rows(tx);
     // `next_check_at` is now: the check is being handled. Whatever it decides writes its own;
     // if it never finishes (parked, say), the row is overdue and the sweeper republishes it.
     let columns = [
@@ -91,7 +94,7 @@ async fn upsert(
         tuples(checks.len(), 3, &columns)
     );
     let mut query =
-        sqlx::query(AssertSqlSafe(sql)).persistent(checks.len() == CHUNK_ROWS).bind(now).bind(producer);
+        sqlx::query(AssertSqlSafe(sql)).persistent(checks.len() == chunk_rows).bind(now).bind(producer);
     for (id, check) in checks {
         query = query
             .bind(id.as_str())
@@ -107,8 +110,9 @@ async fn upsert(
 }
 
 async fn read(tx: &mut sqlx::AnyConnection, ids: &[&str]) -> Result<HashMap<String, MessageRow>> {
+    let chunk_rows = chunk_rows(tx);
     let sql = format!(concat!(select_messages!("WHERE message_id IN ("), "{})"), placeholders(ids.len(), 1));
-    let mut query = sqlx::query_as::<_, RawMessage>(AssertSqlSafe(sql)).persistent(ids.len() == CHUNK_ROWS);
+    let mut query = sqlx::query_as::<_, RawMessage>(AssertSqlSafe(sql)).persistent(ids.len() == chunk_rows);
     for id in ids {
         query = query.bind(*id);
     }

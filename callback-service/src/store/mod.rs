@@ -186,9 +186,27 @@ impl Store {
     }
 }
 
-/// Most rows (or ids) one set-based statement carries: its binds stay far below SQLite's 32 766
-/// and PostgreSQL's 65 535.
+/// Most rows (or ids) one set-based statement carries on PostgreSQL: its binds stay far below its
+/// 65 535, and few round trips keep a transaction short.
 const CHUNK_ROWS: usize = 1000;
+
+/// The same on SQLite: small, because sqlx resolves every bind of a statement by its `$N` name
+/// (`sqlite3_bind_parameter_name`, a linear scan of the statement's parameters), so binding costs
+/// the square of a statement's parameters. At 1 000 rows that scan was 74 % of confirm ingest's
+/// CPU (perf); at 100 ingest ran 4 × faster. SQLite has no round trip to amortize.
+const SQLITE_CHUNK_ROWS: usize = 100;
+
+/// Rows per set-based statement on `conn`'s database.
+pub(super) fn chunk_rows(conn: &sqlx::AnyConnection) -> usize {
+    if conn.backend_name() == "SQLite" { SQLITE_CHUNK_ROWS } else { CHUNK_ROWS }
+}
+
+impl Store {
+    /// Rows per set-based statement on this store's database.
+    fn chunk_rows(&self) -> usize {
+        if self.sqlite { SQLITE_CHUNK_ROWS } else { CHUNK_ROWS }
+    }
+}
 
 pub(crate) fn id_text(id: Uuid) -> String {
     id.to_string()

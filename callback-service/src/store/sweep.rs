@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::{CHUNK_ROWS, MessageRow, RawMessage, Result, Store, message_from, placeholders};
+use super::{MessageRow, RawMessage, Result, Store, message_from, placeholders};
 
 /// The one value a claim's condition binds (`$2`).
 enum Bind<'a> {
@@ -73,7 +73,8 @@ impl Store {
     /// look again at an attempt another process holds): without it the sweeper would take them
     /// for lost.
     pub async fn reschedule(&self, message_ids: &[&str], next_check_at: i64) -> Result<()> {
-        for ids in message_ids.chunks(CHUNK_ROWS) {
+        let chunk_rows = self.chunk_rows();
+        for ids in message_ids.chunks(chunk_rows) {
             let sql = format!(
                 "UPDATE messages SET next_check_at = $1
                  WHERE status IN ('pending', 'resent') AND message_id IN ({})",

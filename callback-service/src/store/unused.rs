@@ -5,16 +5,17 @@
 use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
-use super::{CHUNK_ROWS, Result, Store, expect_text, id_text, placeholders, tuples};
+use super::{Result, Store, expect_text, id_text, placeholders, tuples};
 
 impl Store {
     /// Records the released `checks` of `producer` as `unused`; an id with a row already (a
     /// confirm came first, so the id was used after all) keeps its row. Returns how many were new.
     pub async fn release(&self, producer: &str, checks: &[Check]) -> Result<u64> {
+        let chunk_rows = self.chunk_rows();
         let now = now_ms();
         let mut tx = self.begin().await?;
         let mut released = 0;
-        for chunk in checks.chunks(CHUNK_ROWS) {
+        for chunk in checks.chunks(chunk_rows) {
             // $1 now, $2 the producer; per row: id, routing key, expect, published_at.
             let columns = [
                 None,
@@ -38,7 +39,7 @@ impl Store {
                 tuples(chunk.len(), 3, &columns)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql))
-                .persistent(chunk.len() == CHUNK_ROWS)
+                .persistent(chunk.len() == chunk_rows)
                 .bind(now)
                 .bind(producer);
             for check in chunk {
@@ -59,7 +60,8 @@ impl Store {
     /// since `before_ms`, at most `batch` per transaction so ingest is never stalled behind one
     /// long delete; returns how many.
     pub async fn purge_unused(&self, before_ms: i64, batch: usize) -> Result<u64> {
-        let limit = i64::try_from(batch.clamp(1, CHUNK_ROWS)).unwrap_or(1);
+        let chunk_rows = self.chunk_rows();
+        let limit = i64::try_from(batch.clamp(1, chunk_rows)).unwrap_or(1);
         let mut purged = 0;
         loop {
             let mut tx = self.begin().await?;
