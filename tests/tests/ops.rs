@@ -109,8 +109,8 @@ async fn metrics_agree_with_the_stores() {
         "one latency sample per RPC\n{cb}"
     );
     // An aborted order settles `void`, or `unused` when its id was a reservation.
-    let never_committed =
-        cb.sum("recheck_checks_total", &[("result", "void")]) + cb.sum("recheck_checks_total", &[("result", "unused")]);
+    let never_committed = cb.sum("recheck_checks_total", &[("result", "void")])
+        + cb.sum("recheck_checks_total", &[("result", "unused")]);
     assert!(never_committed >= n("void_aborted") as f64, "{cb}");
     let first_confirms = cb.sum("recheck_confirms_total", &[("outcome", "processed")])
         + cb.sum("recheck_confirms_total", &[("outcome", "rejected")]);

@@ -116,11 +116,12 @@ async fn a_producer_killed_with_its_pool_full_loses_nothing_and_shows_no_failure
 async fn a_transaction_past_its_grace_is_refused_and_its_id_settles_unused() {
     use recheck_proto::demo::v1::{CreateOrderRequest, Fault, orders_client::OrdersClient};
     recheck_tests::init_tracing();
-    let mut d = deploy("reserve-late").await;
+    let d = deploy("reserve-late").await;
     // A steady trickle, so the pool holds reservations when the late order comes.
     d.load(&LoadOptions { rate: 50, ..LoadOptions::new(100) }).await.unwrap();
     let mut client = OrdersClient::connect(format!("http://127.0.0.1:{}", d.orders_port)).await.unwrap();
-    let late = CreateOrderRequest { customer: "slow".into(), amount_cents: 100, fault: Fault::CommitLate.into() };
+    let late =
+        CreateOrderRequest { customer: "slow".into(), amount_cents: 100, fault: Fault::CommitLate.into() };
     let refused = client.create_order(late).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused:?}");
     assert!(refused.message().contains("past its commit deadline"), "{refused:?}");

@@ -89,7 +89,7 @@ impl Config {
     /// The SDK producer's configuration; refused at start-up if reservations could be handed
     /// out too late ([`ProducerConfig::validate`]).
     pub fn producer(&self) -> Result<ProducerConfig, String> {
-        let reserve = self.reserve.then(|| ReserveConfig {
+        let reserve = self.reserve.then_some(ReserveConfig {
             max_age: self.reserve_max_age,
             ahead: self.reserve_ahead,
             max_pool: self.reserve_max_pool as usize,
