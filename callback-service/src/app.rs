@@ -183,7 +183,7 @@ impl App {
             loops.watch(
                 "retention",
                 &stop,
-                infallible(purge(&self.store, c.retention, c.purge_interval, &stop))
+                infallible(purge(&self.store, [c.retention, c.unused_retention], c.purge_interval, &stop))
             ),
             loops.watch(
                 "ops endpoints",
@@ -245,19 +245,30 @@ async fn status_gauge(store: &Store, shutdown: &CancellationToken) {
     }
 }
 
-/// Retention: deletes terminal rows older than `retention`, every `interval`.
-async fn purge(store: &Store, retention: Duration, interval: Duration, shutdown: &CancellationToken) {
+/// Retention: deletes terminal rows older than `retention`, and `unused` rows older than
+/// `unused_retention`, every `interval`.
+async fn purge(
+    store: &Store,
+    [retention, unused_retention]: [Duration; 2],
+    interval: Duration,
+    shutdown: &CancellationToken,
+) {
+    let before = |d: Duration| now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let mut tick = tokio::time::interval(interval);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let before = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        match store.purge(before).await {
+        match store.purge(before(retention)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "retention purge"),
             Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+        }
+        match store.purge_unused(before(unused_retention), 1_000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "unused reservations purged"),
+            Err(e) => tracing::warn!(error = %e, "purge of unused reservations failed"),
         }
     }
 }

@@ -119,6 +119,11 @@ pub struct Config {
     #[arg(long, env = "RECHECK_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// How long `unused` rows (reserved ids nobody used) are kept: long enough to absorb a
+    /// redelivered reserved CHECK, short enough that they never pile up.
+    #[arg(long, env = "RECHECK_UNUSED_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub unused_retention: Duration,
+
     /// Interval between purges of expired terminal rows.
     #[arg(long, env = "RECHECK_PURGE_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub purge_interval: Duration,
