@@ -182,7 +182,7 @@ mod tests {
         Store::insert(&mut tx, &dropped).await.unwrap();
         tx.rollback().await.unwrap();
 
-        assert_eq!(store.payload(kept.message_id).await.unwrap(), Some(kept.payload));
+        assert_eq!(store.payload(kept.message_id).await.unwrap(), Some(kept.payload.clone()));
         assert_eq!(store.payload(dropped.message_id).await.unwrap(), None);
         // The batched lookup: the committed one only, by id.
         let found = store.payloads(&[kept.message_id, dropped.message_id]).await.unwrap();
