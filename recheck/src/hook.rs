@@ -1,6 +1,6 @@
 //! Serving `recheck.v1.ResendHook`: the producer implements [`ResendSource`]
 //! (message id → payload); the SDK republishes and answers with a typed outcome, for one id
-//! (`Resend`) or many (`ResendBatch`, in [`batch`]).
+//! (`Resend`) or many (`ResendBatch`: [`ResendHookService::handle_batch`]).
 
 mod batch;
 
