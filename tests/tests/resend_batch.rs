@@ -128,7 +128,7 @@ impl Env {
     /// CHECK message (as the producer's group commit sends them), due in the shortest tier.
     async fn unconfirmed_delivery(&self) -> Vec<Uuid> {
         let ids: Vec<Uuid> = (0..N).map(|_| Uuid::now_v7()).collect();
-        let mut committed = self.orders.committed.lock().unwrap();
+        let mut committed = HashMap::new();
         let checks = ids
             .iter()
             .map(|id| {
@@ -145,7 +145,7 @@ impl Env {
                 }
             })
             .collect();
-        drop(committed);
+        self.orders.committed.lock().unwrap().extend(committed);
         let batch = CheckBatch::new("orders", checks);
         publish_checks(&self.publisher, &self.topology, &batch, Duration::ZERO).await.unwrap();
         ids
