@@ -2,7 +2,8 @@
 // (textContent / DOM nodes, never HTML): reasons come from consumers' CONFIRMs.
 'use strict';
 
-const STATUSES = ['pending', 'resent', 'confirmed', 'void', 'failed', 'rejected'];
+// `unused`: reserved ids nobody used, shown apart from `void` (not a failure).
+const STATUSES = ['pending', 'resent', 'confirmed', 'void', 'failed', 'rejected', 'unused'];
 const POLL_MS = 2000;
 const PAGE = 20;
 const SVG = 'http://www.w3.org/2000/svg';
