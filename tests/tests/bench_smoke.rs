@@ -48,6 +48,6 @@ async fn every_scenario_completes_and_loses_nothing() {
     assert_eq!(report.callback_rates.len(), 2, "callback rates on both stores");
     assert_eq!(report.backlog.len(), 4, "two backlogs on both stores");
     assert!(report.backlog.iter().all(|b| b.taken > 0 && b.peak_rss_bytes > 0));
-    assert_eq!(report.drain.len(), 4, "drain after a hook outage, both ways on both stores");
+    assert_eq!(report.drain.len(), 2, "drain after a hook outage, both ways (one store when quick)");
     assert!(report.drain.iter().all(|d| d.lost == 0 && d.hook_rpcs > 0), "{:?}", report.drain);
 }
