@@ -339,7 +339,7 @@ pub async fn run(
     }
     let mut drain = Vec::new();
     if env.options.runs(Part::Drain) {
-        // A smoke run drains on one store: each run waits out its outage (≈ 15 s in all).
+        // A smoke run drains on one store: each run waits out its outage (≈ 15 s a run in debug).
         let drain_stores = if env.options.quick { &stores[..1] } else { &stores[..] };
         for &store in drain_stores {
             match drain::run(&env, store).await {
