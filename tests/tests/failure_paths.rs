@@ -3,8 +3,8 @@
 //!   are neither requeued hot (which parks them at the delivery limit on RabbitMQ < 4.3) nor parked;
 //! - a check whose CHECK never comes back (lost, or parked after it was recorded) is republished
 //!   by the sweeper, and the message is reconciled;
-//! - a CHECK the broker parked by the delivery limit is taken back from parking by the sweeper,
-//!   while what is parked for a reason stays there, unchanged.
+//! - a CHECK the broker parked by the delivery limit is taken back from parking by the sweeper
+//!   (up to three times), while what is parked for a reason stays there, unchanged.
 
 #[macro_use]
 mod common;
@@ -220,37 +220,44 @@ async fn bulk_redrive_is_bounded_and_idempotent_and_recheck_checks_now(url: &str
     env.shutdown().await;
 }
 
-/// What the sweeper takes back from parking, and what it leaves. Four messages sit in parking as
+/// What the sweeper takes back from parking, and what it leaves. Five messages sit in parking as
 /// the broker and the services park them: a CHECK dead-lettered by the checks queue's delivery
 /// limit (`x-death` as the broker writes it, the latest death first, after the delay tier's
-/// expiry); a body that does not decode, dead-lettered the same way; a CHECK the callback parked
-/// itself (`x-recheck-park-reason`); a business message a consumer queue's delivery limit
-/// dead-lettered. Only the first comes back: its message, which the store never saw, is resent
-/// and confirmed. The other three stay parked, their headers as they were.
+/// expiry); the same with `x-recheck-recovered: 3` (recovered three times already); a body that
+/// does not decode, dead-lettered the same way; a CHECK the callback parked itself
+/// (`x-recheck-park-reason`); a business message a consumer queue's delivery limit dead-lettered.
+/// Only the first comes back: its message, which the store never saw, is resent and confirmed.
+/// The other four stay parked, their headers as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_parked_by_the_delivery_limit_comes_back_and_the_rest_stays_parked() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/callback.db?mode=rwc", dir.path().display());
     let mut env = Env::start(&url, |c| c.sweep_interval = Duration::from_millis(200)).await;
     env.start_consumer().await;
-    let id = Uuid::now_v7();
-    env.orders.0.lock().unwrap().insert(id, b"{\"order\":\"o-parked\"}".to_vec());
-    let check = Check {
-        message_id: id,
-        routing_key: "order.created".into(),
-        business_key: "o-parked".into(),
-        attempt: 1,
-        published_at: now_ms(),
-        expect: Some(vec!["points".into()]),
-        traceparent: None,
-        reserved: false,
+    let check_of = |id: Uuid, key: &str| {
+        env.orders.0.lock().unwrap().insert(id, format!("{{\"order\":\"{key}\"}}").into_bytes());
+        let check = Check {
+            message_id: id,
+            routing_key: "order.created".into(),
+            business_key: key.into(),
+            attempt: 1,
+            published_at: now_ms(),
+            expect: Some(vec!["points".into()]),
+            traceparent: None,
+            reserved: false,
+        };
+        serde_json::to_vec(&CheckBatch::new("orders", vec![check])).unwrap()
     };
-    let body = serde_json::to_vec(&CheckBatch::new("orders", vec![check])).unwrap();
+    let (id, spent_id) = (Uuid::now_v7(), Uuid::now_v7());
+    let (body, spent) = (check_of(id, "o-parked"), check_of(spent_id, "o-spent"));
     let tier = "recheck.checks.delay.1s";
     let by_limit = |queue: &str| deaths(&[(queue, "delivery_limit"), (tier, "expired")]);
+    let mut recovered = by_limit("recheck.checks");
+    recovered.insert(HEADER_RECOVERED.into(), AMQPValue::LongLongInt(3));
     let mut own = deaths(&[(tier, "expired")]);
     own.insert(HEADER_PARK_REASON.into(), AMQPValue::LongString("invalid JSON".into()));
-    let stay: [(&[u8], FieldTable); 3] = [
+    let stay: [(&[u8], FieldTable); 4] = [
+        (&spent, recovered),
         (b"{not json", by_limit("recheck.checks")),
         (b"{\"v\":1,\"producer\":\"orders\",\"checks\":[]}", own),
         (b"{\"order\":\"o-poison\"}", by_limit("points.orders")),
@@ -265,22 +272,21 @@ async fn a_check_parked_by_the_delivery_limit_comes_back_and_the_rest_stays_park
     assert_eq!(env.hook.calls_for(id), vec![(1, 1)], "one resend, from the recovered CHECK");
     assert_eq!(env.points(id).await, 1);
     let channel = env.publisher.create_channel().await.unwrap();
-    wait_for("the other three left in parking", SOON, || async {
-        (common::depth(&channel, "recheck.parking").await == 3).then_some(())
+    wait_for("the other four left in parking", SOON, || async {
+        (common::depth(&channel, "recheck.parking").await == 4).then_some(())
     })
     .await;
-    // A pass may hold one for a moment (and put a copy back): poll until all three were read.
+    // A pass may hold one for a moment (and put a copy back): poll until all four were read.
     let mut left = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + SOON;
-    while left.len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "read back {} of the three", left.len());
+    while left.len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "read back {} of the four", left.len());
         let options = BasicGetOptions { no_ack: true };
         let Some(got) = channel.basic_get("recheck.parking".into(), options).await.unwrap() else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let mut headers = got.delivery.properties.headers().clone().unwrap_or_default().inner().clone();
-        assert!(!headers.contains_key(HEADER_RECOVERED), "{headers:?}");
         // The broker's count of this delivery, not part of the message.
         headers.remove("x-delivery-count");
         let headers = FieldTable::from(headers);
@@ -289,6 +295,7 @@ async fn a_check_parked_by_the_delivery_limit_comes_back_and_the_rest_stays_park
         assert_eq!(&headers, sent, "headers changed in parking");
         left.insert(got.delivery.data);
     }
+    assert!(env.hook.calls_for(spent_id).is_empty(), "a CHECK recovered three times came back");
     env.shutdown().await;
 }
 
