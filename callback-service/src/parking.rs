@@ -272,3 +272,59 @@ fn int(value: &AMQPValue) -> Option<i64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    fn s(text: &str) -> AMQPValue {
+        AMQPValue::LongString(text.into())
+    }
+
+    fn death(queue: &str, reason: &str) -> AMQPValue {
+        AMQPValue::FieldTable(table(&[("queue", s(queue)), ("reason", s(reason))]))
+    }
+
+    /// RabbitMQ 3.13+ also writes `x-last-death-*`: they win over `x-death` (the kit's 3.10 does
+    /// not write them, so only this test sees that branch).
+    #[test]
+    fn the_latest_death_is_read_from_x_last_death_or_else_the_first_x_death_entry() {
+        let deaths = AMQPValue::FieldArray(
+            vec![death("recheck.checks", "delivery_limit"), death("recheck.checks.delay.5s", "expired")]
+                .into(),
+        );
+        let broker_3_10 = table(&[("x-death", deaths.clone())]);
+        assert_eq!(last_death(&broker_3_10), Some(("recheck.checks".into(), "delivery_limit".into())));
+        let broker_4 = table(&[
+            ("x-death", deaths),
+            ("x-last-death-queue", s("recheck.confirms")),
+            ("x-last-death-reason", s("rejected")),
+        ]);
+        assert_eq!(last_death(&broker_4), Some(("recheck.confirms".into(), "rejected".into())));
+        assert_eq!(last_death(&table(&[("x-first-death-reason", s("delivery_limit"))])), None);
+    }
+
+    #[test]
+    fn a_recovered_message_loses_the_broker_s_headers_and_keeps_the_rest() {
+        let headers = table(&[
+            ("x-death", AMQPValue::FieldArray(Vec::new().into())),
+            ("x-first-death-queue", s("q")),
+            ("x-last-death-reason", s("delivery_limit")),
+            ("x-delivery-count", AMQPValue::LongLongInt(11)),
+            ("x-recheck-signature", s("v1=00")),
+            (HEADER_RECOVERED, AMQPValue::LongInt(2)),
+        ]);
+        let kept = without(&headers, is_death_header);
+        let names: Vec<&str> = kept.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-recheck-recovered", "x-recheck-signature"]);
+        assert_eq!(kept.inner().get(HEADER_RECOVERED).and_then(int), Some(2));
+    }
+}
