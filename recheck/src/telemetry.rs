@@ -53,10 +53,12 @@ pub const CHECKS_SWEPT: &str = "recheck_checks_swept_total";
 pub const CHECKS_DEFERRED: &str = "recheck_checks_deferred_total";
 /// Histogram: checks per CHECK delivery handled.
 pub const RECONCILE_BATCH_SIZE: &str = "recheck_reconcile_batch_size";
-/// Counter `{producer, outcome}`: `Resend` RPCs by answer (`resent`, `not_found`, `retry_later`)
-/// or gRPC error code (`unavailable`, `deadline_exceeded`, `unauthenticated`, …).
+/// Counter `{producer, outcome}`: resend requests, one per id whether sent alone (`Resend`) or in
+/// a `ResendBatch`, by answer (`resent`, `not_found`, `retry_later`) or the call's gRPC error code
+/// (`unavailable`, `deadline_exceeded`, `unauthenticated`, …).
 pub const RESENDS: &str = "recheck_resends_total";
-/// Histogram `{producer}`: one `Resend` RPC, request to answer or error.
+/// Histogram `{producer}`: one hook RPC (`Resend`, or a `ResendBatch` of many ids), request to
+/// answer or error.
 pub const HOOK_RPC_SECONDS: &str = "recheck_hook_rpc_seconds";
 /// Counter `{consumer, outcome = processed | duplicate | rejected}`: confirms stored.
 pub const CONFIRMS: &str = "recheck_confirms_total";
@@ -148,8 +150,15 @@ pub fn describe() {
     describe_counter!(CHECKS, "Checks handled by the callback service, by result");
     describe_counter!(CHECKS_DEFERRED, "Checks deferred without a resend (consumer backlog, open circuit)");
     describe_histogram!(RECONCILE_BATCH_SIZE, Unit::Count, "Checks per CHECK delivery handled");
-    describe_counter!(RESENDS, "Resend RPCs to producers, by producer and outcome");
-    describe_histogram!(HOOK_RPC_SECONDS, Unit::Seconds, "Resend RPC latency, by producer");
+    describe_counter!(
+        RESENDS,
+        "Resend requests to producers (one per id, batched or not), by producer and outcome"
+    );
+    describe_histogram!(
+        HOOK_RPC_SECONDS,
+        Unit::Seconds,
+        "Hook RPC latency (Resend or ResendBatch), by producer"
+    );
     describe_counter!(CONFIRMS, "Confirms stored, by consumer and outcome");
     describe_histogram!(INGEST_BATCH_SIZE, Unit::Count, "Confirms per store transaction");
     describe_histogram!(

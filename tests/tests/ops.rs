@@ -103,11 +103,10 @@ async fn metrics_agree_with_the_stores() {
         count(&callback_db, "SELECT CAST(COALESCE(SUM(resend_count), 0) AS BIGINT) FROM messages").await;
     assert_eq!(cb.sum("recheck_resends_total", &[("outcome", "resent")]), resend_count, "resends\n{cb}");
     assert_eq!(cb.sum("recheck_checks_total", &[("result", "resent")]), resend_count, "checks resent\n{cb}");
-    assert_eq!(
-        cb.sum("recheck_hook_rpc_seconds_count", &[("producer", "orders")]),
-        cb.sum("recheck_resends_total", &[("producer", "orders")]),
-        "one latency sample per RPC\n{cb}"
-    );
+    // One latency sample per RPC, one answer per id: a ResendBatch answers many ids in one RPC.
+    let rpcs = cb.sum("recheck_hook_rpc_seconds_count", &[("producer", "orders")]);
+    let answers = cb.sum("recheck_resends_total", &[("producer", "orders")]);
+    assert!(rpcs > 0.0 && rpcs <= answers, "{rpcs} RPCs, {answers} answers\n{cb}");
     // An aborted order settles `void`, or `unused` when its id was a reservation.
     let never_committed = cb.sum("recheck_checks_total", &[("result", "void")])
         + cb.sum("recheck_checks_total", &[("result", "unused")]);
