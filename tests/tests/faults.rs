@@ -86,10 +86,15 @@ async fn callback_service_killed_mid_batch() {
     row(Fault::CallbackKilled, |_| {}).await;
 }
 
-/// Orders committed but not yet published when the producer dies are resent by their checks.
+/// Orders committed but not yet published when the producer dies are resent by their checks. It
+/// dies with its pool of reserved CHECKs full (no RELEASE): those ids are settled `unused` by
+/// their checks, and none of them shows as `failed` (a committed one `void` or `unused` would be
+/// lost, which `check` refuses).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_killed_mid_load() {
-    row(Fault::ProducerKilled, |_| {}).await;
+    let o = row(Fault::ProducerKilled, |_| {}).await;
+    assert!(o.verdict.unused > 0, "no reservation of the killed producer was settled unused");
+    assert_eq!(o.verdict.failed, 0, "a message failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,10 @@ pub struct Verdict {
     pub confirmed: u64,
     pub rejected: u64,
     pub failed: u64,
+    /// Committed orders the callback service settled `void` or `unused` (each also lost).
     pub void_committed: u64,
+    /// Rows settled `unused` in the callback store, committed or not: reserved ids nobody used.
+    pub unused: u64,
     /// Not terminal (or unknown) in the callback store.
     pub pending: u64,
     /// Each consumer's effects against the committed orders.
@@ -222,7 +225,8 @@ impl Stores {
                 "confirmed" => v.confirmed += 1,
                 "rejected" => v.rejected += 1,
                 "failed" => v.failed += 1,
-                "void" => v.void_committed += 1,
+                // A committed order settled as never committed: `void`, or `unused` for a reservation.
+                "void" | "unused" => v.void_committed += 1,
                 _ => v.pending += 1,
             }
             v.resends += resends as u64;
@@ -234,7 +238,7 @@ impl Stores {
                 .filter(|c| !given_up && !c.ledger.contains_key(&order.message_id))
                 .map(|c| c.name.as_str())
                 .collect();
-            if !missing_in.is_empty() || status == "void" {
+            if !missing_in.is_empty() || matches!(status, "void" | "unused") {
                 v.lost += 1;
                 if v.lost_sample.len() < 5 {
                     let missing = if missing_in.is_empty() {
@@ -246,6 +250,7 @@ impl Stores {
                 }
             }
         }
+        v.unused = self.statuses.values().filter(|(s, _)| s == "unused").count() as u64;
         v.consumers = self.consumers.iter().map(|c| self.consumer_verdict(c)).collect();
         v.duplicates_absorbed = v.consumers.iter().map(|c| c.duplicates_absorbed).sum();
         v
