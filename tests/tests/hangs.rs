@@ -75,7 +75,6 @@ async fn a_hook_that_never_answers_gets_no_more_calls_once_its_circuit_opens() {
 /// the delivery's claimed checks fall back to `Resend` per id. Those calls must stop once the
 /// circuit opens too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: the ResendBatch UNIMPLEMENTED fallback (reconcile/resend.rs) calls every claimed check, circuit open or not: 200 calls"]
 async fn a_hook_that_never_answers_gets_no_more_calls_once_its_circuit_opens_after_a_batch() {
     hook_that_never_answers(true).await;
 }
