@@ -45,7 +45,11 @@ impl Reconciler {
             return Ok(Step::Decided(Plan::Done));
         }
         let n = check.attempt;
-        if row.attempt > n {
+        // Also while the attempt before is claimed but its outcome not yet recorded: this may be
+        // the next CHECK its claimer published first, arriving before the claimer's `finish`
+        // (a batch records hundreds of outcomes after one RPC). Claiming now would read the old
+        // resend count and send the hook the same resend number twice.
+        if row.attempt > n || row.scheduled_attempt < row.attempt {
             return Ok(Step::Decided(self.duplicate(&row, check)));
         }
         if self.registry.client(producer).is_none() {

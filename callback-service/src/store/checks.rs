@@ -69,11 +69,13 @@ impl Store {
     }
 
     /// Takes attempt `n` (bumps the row to `n + 1`) and returns the resends done so far; `None`
-    /// if another check, instance or redelivery took it first.
+    /// if another check, instance or redelivery took it first, or the attempt before has not
+    /// recorded its outcome yet (`scheduled_attempt < n`: its resend count would be stale).
     pub async fn claim(&self, message_id: &str, n: u32) -> Result<Option<u32>> {
         let resends: Option<i64> = sqlx::query_scalar(
             "UPDATE messages SET attempt = attempt + 1, updated_at = $1
-             WHERE message_id = $2 AND attempt = $3 AND status IN ('pending', 'resent')
+             WHERE message_id = $2 AND attempt = $3 AND scheduled_attempt >= $3
+               AND status IN ('pending', 'resent')
              RETURNING resend_count",
         )
         .bind(now_ms())
