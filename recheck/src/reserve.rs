@@ -278,19 +278,33 @@ fn reserved_check(kind: &Kind, message_id: Uuid, published_at: i64) -> Check {
     }
 }
 
-/// Splits `checks` into CHECK messages within the batch caps (ids and encoded bytes).
-fn chunks(target: &Target, mut checks: Vec<Check>, release: bool) -> Vec<CheckBatch> {
-    let Some(first) = checks.first() else { return Vec::new() };
-    // Every entry of a kind encodes to about the same length (fixed-width ids); the longest
-    // `published_at` is now's, so 20 bytes spare cover the rest.
-    let per_id = json_len(first) + 21;
-    let envelope = json_len(&CheckBatch { release, ..CheckBatch::new(target.producer.clone(), Vec::new()) });
-    let by_bytes = target.max_bytes.saturating_sub(envelope) / per_id;
-    let size = by_bytes.min(target.max_ids).max(1);
+/// Splits `checks` into CHECK messages of `target`'s producer within its batch caps (ids and
+/// encoded bytes).
+fn chunks(target: &Target, checks: Vec<Check>, release: bool) -> Vec<CheckBatch> {
+    split(&target.producer, target.max_ids, target.max_bytes, checks, release)
+}
+
+fn split(
+    producer: &str,
+    max_ids: usize,
+    max_bytes: usize,
+    mut checks: Vec<Check>,
+    release: bool,
+) -> Vec<CheckBatch> {
+    // Entries of one kind encode to the same length but for `published_at`'s digits (20 bytes
+    // spare cover them); a RELEASE mixes kinds, so each run of one kind is measured once and
+    // the longest counts.
+    let same_kind = |a: &Check, b: &Check| a.routing_key == b.routing_key && a.expect == b.expect;
+    let Some(longest) = checks.chunk_by(same_kind).map(|run| json_len(&run[0])).max() else {
+        return Vec::new();
+    };
+    let per_id = longest + 21;
+    let envelope = json_len(&CheckBatch { release, ..CheckBatch::new(producer, Vec::new()) });
+    let size = (max_bytes.saturating_sub(envelope) / per_id).min(max_ids).max(1);
     let mut batches = Vec::with_capacity(checks.len().div_ceil(size));
     while !checks.is_empty() {
         let rest = checks.split_off(checks.len().min(size));
-        batches.push(CheckBatch { release, ..CheckBatch::new(target.producer.clone(), checks) });
+        batches.push(CheckBatch { release, ..CheckBatch::new(producer, checks) });
         checks = rest;
     }
     batches
@@ -321,6 +335,25 @@ mod tests {
         let plan = pool.plan();
         assert_eq!(plan.release.len(), 1, "the expired one is given back");
         assert_eq!(pool.len(), 0);
+    }
+
+    /// A RELEASE mixes kinds: its messages fit the byte cap whichever kind comes first.
+    #[test]
+    fn a_release_of_mixed_kinds_stays_within_the_byte_cap() {
+        let short = Kind { routing_key: "o".into(), expect: None };
+        let long = Kind {
+            routing_key: "order.created.with.a.long.name".into(),
+            expect: Some(vec!["p".repeat(200)]),
+        };
+        let mut checks = vec![reserved_check(&short, Uuid::now_v7(), 1)];
+        checks.extend((0..50).map(|_| reserved_check(&long, Uuid::now_v7(), now_ms())));
+        let batches = split("orders", 5_000, 4_096, checks, true);
+        assert!(batches.len() > 1);
+        for batch in &batches {
+            let len = json_len(batch);
+            assert!(len <= 4_096, "{len} bytes over the cap");
+        }
+        assert_eq!(batches.iter().map(|b| b.checks.len()).sum::<usize>(), 51);
     }
 
     #[tokio::test(start_paused = true)]
