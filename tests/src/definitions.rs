@@ -1,7 +1,9 @@
-//! The least-privilege RabbitMQ users of `compose.yaml`: `compose/rabbitmq-definitions.json`
+//! The least-privilege users of `compose.yaml`. RabbitMQ: `compose/rabbitmq-definitions.json`
 //! (users, password hashes, permissions per vhost, as the broker imports them at boot) and the
-//! user each compose service connects as (its `RECHECK_AMQP_URL`). Read by the `compose` suite
+//! user each compose service connects as (its `RECHECK_AMQP_URL`), read by the `compose` suite
 //! (do they agree?) and the `permissions` suite (do they suffice, and refuse the rest?).
+//! PostgreSQL: the `postgres://` URLs each service is given, read by the `compose_postgres` suite
+//! (it runs `compose/postgres-init.sql` and tries them).
 
 use std::path::{Path, PathBuf};
 
@@ -110,6 +112,37 @@ pub fn compose_logins(compose_yaml: &str) -> Result<Vec<BrokerLogin>> {
         logins.push(parse_login(service, url)?);
     }
     Ok(logins)
+}
+
+/// A `postgres://` URL compose gives a service, and the variable that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseUrl {
+    pub service: String,
+    pub variable: String,
+    pub url: String,
+}
+
+/// Every `postgres://` URL in a compose service's environment, in file order.
+pub fn compose_database_urls(compose_yaml: &str) -> Result<Vec<DatabaseUrl>> {
+    let docs = YamlLoader::load_from_str(compose_yaml).context("compose.yaml is not valid YAML")?;
+    let services =
+        docs.first().and_then(|doc| doc["services"].as_hash()).context("compose.yaml: no `services` map")?;
+    let mut urls = Vec::new();
+    for (name, spec) in services {
+        let service = name.as_str().context("service names are strings")?;
+        for (variable, value) in spec["environment"].as_hash().into_iter().flatten() {
+            if let (Some(variable), Some(url)) = (variable.as_str(), value.as_str())
+                && url.starts_with("postgres://")
+            {
+                urls.push(DatabaseUrl {
+                    service: service.to_owned(),
+                    variable: variable.to_owned(),
+                    url: url.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(urls)
 }
 
 fn parse_login(service: String, url: &str) -> Result<BrokerLogin> {

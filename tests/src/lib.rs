@@ -13,6 +13,7 @@
 //! - [`rabbit`] — the broker: a private node or one from the environment; vhosts, `rabbitmqctl`,
 //!   `stop_app` / `start_app`; `RabbitCluster`, private nodes clustered (kill -9, restart).
 //! - [`postgres`] — the database server: a private cluster or one from the environment; databases.
+//! - [`pki`] — test certificates (rcgen): a CA, a server and a client certificate, as PEM files.
 //! - [`proxy`] — `FaultProxy`, a TCP proxy that cuts, stalls or refuses connections on command.
 //! - `watchdog` — runs each private server under a `sh` watchdog that stops it and deletes its
 //!   files once the owning process is gone (statics are never dropped).
@@ -76,6 +77,7 @@ pub mod demo;
 pub mod deploy;
 pub mod faults;
 pub mod metrics;
+pub mod pki;
 mod ports;
 pub mod postgres;
 pub mod proxy;

@@ -28,6 +28,15 @@ pub struct Postgres {
     server: Option<Watchdog>,
 }
 
+/// A private cluster's TLS: `ssl=on` with this certificate and key (PEM). With `required`,
+/// `pg_hba.conf` accepts TCP connections over TLS only (`hostssl`), so a test can tell a
+/// connection that really uses TLS from one that quietly fell back to plaintext.
+pub struct PgTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub required: bool,
+}
+
 /// A database created for one test. Derefs to its URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Database {
@@ -47,6 +56,11 @@ impl Postgres {
 
     /// Creates and starts a private cluster and waits until it accepts connections. Blocking.
     pub fn start_private() -> Result<Self> {
+        Self::start_private_with(None)
+    }
+
+    /// [`Self::start_private`], serving TLS when `tls` is given. Blocking.
+    pub fn start_private_with(tls: Option<&PgTls>) -> Result<Self> {
         let bin = find_bin().context(crate::INSTALL_HINT)?;
         let dir = tempfile::Builder::new()
             .prefix("recheck-pg-")
@@ -95,10 +109,7 @@ impl Postgres {
             );
         }
 
-        let port = free_port()?;
-        let mut postgres = command("postgres");
-        postgres.arg("-D").arg(&data).arg("-p").arg(port.to_string());
-        for setting in [
+        let mut settings = vec![
             "listen_addresses=127.0.0.1".to_owned(),
             format!("unix_socket_directories={}", dir.display()),
             "fsync=off".to_owned(),
@@ -106,7 +117,18 @@ impl Postgres {
             "full_page_writes=off".to_owned(),
             "max_connections=200".to_owned(),
             "shared_buffers=32MB".to_owned(),
-        ] {
+        ];
+        if let Some(tls) = tls {
+            let files = serve_tls(&dir, &data, tls, as_root).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
+            settings.extend(files);
+        }
+
+        let port = free_port()?;
+        let mut postgres = command("postgres");
+        postgres.arg("-D").arg(&data).arg("-p").arg(port.to_string());
+        for setting in settings {
             postgres.arg("-c").arg(setting);
         }
         let log = dir.join("postgres.log");
@@ -182,6 +204,25 @@ impl Postgres {
         Ok(Database { name, url })
     }
 
+    /// Runs an SQL file with `psql` (psql's meta-commands included) as the admin user, stopping
+    /// at the first error, as an image runs its init scripts. Blocking.
+    pub fn run_sql_file(&self, file: &Path) -> Result<()> {
+        let output = Command::new(find_bin()?.join("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &self.admin_url, "-f"])
+            .arg(file)
+            .output()
+            .context("running psql")?;
+        if !output.status.success() {
+            bail!(
+                "psql -f {} failed ({}): {}",
+                file.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Stops a private cluster and removes its files (no-op for a server from the environment).
     pub fn shutdown(self) -> Result<()> {
         match self.server {
@@ -189,6 +230,39 @@ impl Postgres {
             None => Ok(()),
         }
     }
+}
+
+/// Copies the certificate and key into the cluster's dir (postgres wants its key private and
+/// owned by the server's user) and returns the settings that serve them; with `required`, turns
+/// every TCP line of `pg_hba.conf` into `hostssl`.
+fn serve_tls(dir: &Path, data: &Path, tls: &PgTls, as_root: bool) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::copy(&tls.cert, &cert).context("copying the server certificate")?;
+    std::fs::copy(&tls.key, &key).context("copying the server key")?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    if as_root {
+        let status = Command::new("chown").arg(format!("{SYSTEM_USER}:")).arg(&cert).arg(&key).status()?;
+        anyhow::ensure!(status.success(), "chown of the server certificate failed ({status})");
+    }
+    if tls.required {
+        // Rewritten in place, so the file keeps its owner.
+        let hba = data.join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).context("reading pg_hba.conf")?;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| match line.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}"),
+                None => line.to_owned(),
+            })
+            .collect();
+        std::fs::write(&hba, lines.join("\n") + "\n").context("writing pg_hba.conf")?;
+    }
+    Ok(vec![
+        "ssl=on".to_owned(),
+        format!("ssl_cert_file={}", cert.display()),
+        format!("ssl_key_file={}", key.display()),
+    ])
 }
 
 /// Newest `/usr/lib/postgresql/<version>/bin` (Debian), else the directory of `initdb` on PATH.

@@ -20,10 +20,6 @@ use std::{
 
 use clap::Parser;
 use lapin::{BasicProperties, options::QueueDeclareOptions};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use recheck::{
     Outgoing, Subscription, SubscriptionConfig,
     service::BrokerArgs,
@@ -33,6 +29,7 @@ use recheck_tests::{
     Rabbit,
     deploy::{DeployOptions, Deployment},
     free_port,
+    pki::Pki,
     rabbit::{NodeOptions, TlsListener},
 };
 use tokio::{process::Command, sync::Mutex};
@@ -45,69 +42,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 fn tmp(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
-}
-
-/// A CA, and a server and a client certificate it signed, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-impl Pki {
-    /// Writes `<name>-*.pem` into `dir`. The server certificate names `localhost` and 127.0.0.1.
-    fn generate(dir: &Path, name: &str) -> Pki {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, format!("Recheck test CA {name}"));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let path = |file: &str| dir.join(format!("{name}-{file}.pem"));
-        let write = |file: &str, pem: String| {
-            std::fs::write(path(file), pem).unwrap();
-            path(file)
-        };
-        let issue = |sans: &[&str], usage: ExtendedKeyUsagePurpose, file: &str| {
-            let mut params =
-                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, format!("{name} {file}"));
-            params.extended_key_usages = vec![usage];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &ca).unwrap();
-            (write(&format!("{file}-cert"), cert.pem()), write(&format!("{file}-key"), key.serialize_pem()))
-        };
-        let (server_cert, server_key) =
-            issue(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth, "server");
-        let (client_cert, client_key) =
-            issue(&["recheck-client"], ExtendedKeyUsagePurpose::ClientAuth, "client");
-        Pki { ca: write("ca", ca.pem()), server_cert, server_key, client_cert, client_key }
-    }
-
-    fn env(pairs: &[(&str, &Path)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.display().to_string())).collect()
-    }
-
-    /// A gRPC server's TLS (`RECHECK_TLS_CERT` / `_KEY`).
-    fn server_env(&self) -> Vec<(String, String)> {
-        Self::env(&[("RECHECK_TLS_CERT", &self.server_cert), ("RECHECK_TLS_KEY", &self.server_key)])
-    }
-
-    /// A gRPC client trusting this CA and presenting its client certificate.
-    fn client_env(&self) -> Vec<(String, String)> {
-        Self::env(&[
-            ("RECHECK_TLS_CA", &self.ca),
-            ("RECHECK_TLS_CLIENT_CERT", &self.client_cert),
-            ("RECHECK_TLS_CLIENT_KEY", &self.client_key),
-        ])
-    }
-
-    fn client(&self, with_cert: bool) -> ClientTls {
-        let identity = with_cert.then_some((self.client_cert.as_path(), self.client_key.as_path()));
-        ClientTls::load(Some(&self.ca), identity).unwrap()
-    }
 }
 
 /// A gRPC health check through `tls` at `url`: `Ok` only if the handshake and the call work.
@@ -129,8 +63,8 @@ async fn grpc_over_tls_resends_through_an_https_hook_and_refuses_untrusted_peers
     let _turn = ONE_AT_A_TIME.lock().await;
     let kit = recheck_tests::kit().await;
     let vhost = kit.rabbit.fresh_vhost().await.unwrap();
-    let pki = Pki::generate(&tmp("tls-grpc-pki"), "good");
-    let wrong = Pki::generate(&tmp("tls-grpc-pki"), "wrong");
+    let pki = Pki::generate(&tmp("tls-grpc-pki"), "good").unwrap();
+    let wrong = Pki::generate(&tmp("tls-grpc-pki"), "wrong").unwrap();
 
     let orders_port = free_port().unwrap();
     let mut opts = DeployOptions::new(tmp("tls-grpc"), vhost.url.clone());
@@ -182,16 +116,16 @@ async fn grpc_over_tls_resends_through_an_https_hook_and_refuses_untrusted_peers
     );
 
     // In-process clients: trusted ones pass, the others are refused.
-    health(&pki.client(false), &admin_url).await.unwrap();
-    health(&pki.client(true), &orders_url).await.unwrap();
+    health(&pki.client(false).unwrap(), &admin_url).await.unwrap();
+    health(&pki.client(true).unwrap(), &orders_url).await.unwrap();
     let refusals = [
         ("Admin, no CA (webpki roots)", health(&ClientTls::default(), &admin_url).await),
-        ("Admin, the wrong CA", health(&wrong.client(false), &admin_url).await),
+        ("Admin, the wrong CA", health(&wrong.client(false).unwrap(), &admin_url).await),
         (
             "Admin, plaintext",
             health(&ClientTls::default(), &format!("http://127.0.0.1:{}", d.callback_ports[0])).await,
         ),
-        ("hook, no client certificate", health(&pki.client(false), &orders_url).await),
+        ("hook, no client certificate", health(&pki.client(false).unwrap(), &orders_url).await),
         ("hook, a foreign client certificate", {
             let foreign =
                 ClientTls::load(Some(&pki.ca), Some((&wrong.client_cert, &wrong.client_key))).unwrap();
@@ -208,8 +142,8 @@ async fn grpc_over_tls_resends_through_an_https_hook_and_refuses_untrusted_peers
 async fn amqps_with_the_ca_publishes_and_consumes_and_refuses_the_wrong_ca() {
     recheck_tests::init_tracing();
     let _turn = ONE_AT_A_TIME.lock().await;
-    let pki = Pki::generate(&tmp("tls-amqps-pki"), "good");
-    let wrong = Pki::generate(&tmp("tls-amqps-pki"), "wrong");
+    let pki = Pki::generate(&tmp("tls-amqps-pki"), "good").unwrap();
+    let wrong = Pki::generate(&tmp("tls-amqps-pki"), "wrong").unwrap();
     let listener = TlsListener {
         ca_file: pki.ca.clone(),
         cert_file: pki.server_cert.clone(),
