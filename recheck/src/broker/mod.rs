@@ -2,6 +2,7 @@
 //! subscriptions in micro-batches, the topology, parking, group commit (many callers, one broker
 //! message), and Recheck's control messages.
 
+mod connection;
 pub mod control;
 pub mod group_commit;
 pub mod parking;

@@ -215,7 +215,7 @@ impl Subscription {
                     // If lapin brings the old channel back, its consumer would take a share of
                     // the queue (up to the prefetch) that nobody reads: close it whenever it is up.
                     let status = old.status().clone();
-                    crate::broker::publisher::retire_when_up(
+                    crate::broker::connection::retire_when_up(
                         move || status.connected(),
                         move || {
                             let old = old.clone();
