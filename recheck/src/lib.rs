@@ -151,19 +151,13 @@
 //! }
 //! ```
 //!
-//! # Layout
+//! # Modules
 //!
-//! The folders are the layers; a module imports only from its own floor or below.
-//!
-//! - ground: [`wire`] (the message formats), [`security`], [`telemetry`], and `error`, [`db`],
-//!   [`retry`];
-//! - [`broker`]: the transport both roles stand on;
-//! - [`producer`] and [`consumer`]: the two roles, side by side, neither importing the other;
-//! - [`service`]: what a service binary adds on top.
-//!
-//! `ARCHITECTURE.md` in the repository is the code map, with each invariant and where it is
-//! enforced. The modules' earlier paths (`recheck::message`, `recheck::publisher`,
-//! `recheck::hook`, …) stay available as re-exports below.
+//! [`wire`], [`security`] and [`telemetry`] at the ground, [`broker`] above them, [`producer`]
+//! and [`consumer`] side by side on the broker, [`service`] on top; each folder's page says what
+//! it holds. `ARCHITECTURE.md` in the repository is the code map and the invariants. The paths
+//! before the folders (`recheck::message`, `recheck::publisher`, `recheck::hook`, …) stay
+//! available as re-exports.
 
 #![warn(missing_docs)]
 
