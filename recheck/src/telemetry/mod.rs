@@ -79,8 +79,8 @@ pub const MESSAGES_AWAITING_CHECK: &str = "recheck_messages_awaiting_check";
 /// Gauge `{producer}`: age of the producer's oldest open (`pending` / `resent`) message.
 pub const OLDEST_PENDING_AGE_SECONDS: &str = "recheck_oldest_pending_age_seconds";
 
-/// Every metric of the catalog (the README table and the Grafana dashboard cover them all: a test
-/// in `tests/tests/compose.rs` checks both).
+/// Every metric of the catalog (the operations table and the Grafana dashboard cover them all: a
+/// test in `tests/tests/compose/observability.rs` checks both).
 pub const ALL: &[&str] = &[
     PUBLISHES,
     PUBLISH_SECONDS,
