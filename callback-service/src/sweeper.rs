@@ -12,9 +12,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use recheck::{
     GroupCommitConfig, Publisher, Topology,
+    broker::control::publish_checks,
     group_commit::json_len,
     message::{Check, CheckBatch, DecodeError, now_ms},
-    producer::publish_checks,
     telemetry,
 };
 use tokio_util::sync::CancellationToken;

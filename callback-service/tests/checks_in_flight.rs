@@ -13,8 +13,8 @@ use std::{
 use callback_service::{Config, store::Status};
 use recheck::{
     Publisher, PublisherConfig, Topology,
+    broker::control::publish_checks,
     message::{Check, CheckBatch, now_ms},
-    producer::publish_checks,
     topology::parse_tiers,
 };
 use recheck_proto::v1::{

@@ -3,8 +3,8 @@
 Everything a producer or consumer in another language must get exactly right is here: the
 broker topology (names and queue arguments), the business-message headers, the CHECK and CONFIRM
 batch formats, and the gRPC stubs of `recheck.v1.ResendHook`, generated at run time from the
-repository's `.proto` files. The reference is the Rust SDK (`recheck/src/topology.rs`,
-`message.rs`, `producer.rs`): the callback service accepts what it writes.
+repository's `.proto` files. The reference is the Rust SDK (`recheck/src/broker/topology.rs`,
+`recheck/src/wire/message.rs`, `recheck/src/producer/`): the callback service accepts what it writes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 use sqlx::{AnyPool, any::AnyPoolOptions};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Which backend a database URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,10 @@
 
 use std::sync::Arc;
 
+/// Any error, boxed: what a [`ResendSource`](crate::producer::hook::ResendSource) lookup may fail
+/// with, and what a [`Transient`](crate::consumer::consume::Transient) effect failure carries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything an SDK call can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,16 +40,16 @@ pub enum Error {
     UnsupportedDatabase(String),
     /// A message that does not follow the wire format.
     #[error("malformed message: {0}")]
-    Decode(#[from] crate::message::DecodeError),
+    Decode(#[from] crate::wire::message::DecodeError),
     /// An `Event` the callback service would refuse; nothing was published.
     #[error("event refused: {0}")]
-    Invalid(crate::message::DecodeError),
+    Invalid(crate::wire::message::DecodeError),
     /// A batch could not be encoded as JSON.
     #[error("encode: {0}")]
     Encode(#[from] serde_json::Error),
     /// TLS could not be set up from the configured PEM files.
     #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::security::tls::TlsError),
     /// The batcher a CHECK or CONFIRM was submitted to has stopped.
     #[error("the SDK is shutting down")]
     Closed,
@@ -55,7 +59,7 @@ pub enum Error {
     /// A configuration that cannot work, found at start-up (the text says why).
     #[error("configuration: {0}")]
     Config(String),
-    /// A prepared message past its commit deadline ([`Prepared::ensure_fresh`](crate::Prepared::ensure_fresh)):
+    /// A prepared message past its commit deadline ([`Prepared::ensure_fresh`](crate::producer::Prepared::ensure_fresh)):
     /// roll the transaction back; its check may already have settled the id.
     #[error("prepared message {message_id} is {by:?} past its commit deadline: roll back")]
     Expired {

@@ -153,71 +153,50 @@
 //!
 //! # Modules
 //!
-//! - [`topology`]: every exchange and queue, declared by one function.
-//! - [`message`]: wire format v1 (CHECK / CONFIRM batches, headers), typed decode errors.
-//! - [`publisher`]: broker-confirmed publishing that republishes across reconnects.
-//! - [`group_commit`]: many callers, one broker message, one confirm wait.
-//! - [`producer`]: `prepare` → commit → `publish`; also the seed order.
-//! - [`hook`]: the producer's `ResendHook` gRPC service over one lookup trait.
-//! - [`auth`]: bearer tokens on gRPC servers (the hook, the callback service's Admin API).
-//! - [`inbox`], [`confirmer`], [`consume`]: the consumer's once-only step and CONFIRMs.
-//! - [`signing`]: HMAC-SHA256 signatures on CONFIRMs, per consumer key.
-//! - [`db`]: opening a store (SQLite or PostgreSQL through sqlx `Any`) the one way; `$n`
-//!   placeholders for set-based statements.
-//! - [`parking`]: poison messages go to parking with a reason.
-//! - [`subscription`]: batches of deliveries from a queue, across reconnects.
-//! - [`retry`]: a failed delivery classified once (transient or poison), retried in place.
-//! - `service` (feature `service`): broker settings as clap args, connect + declare.
-//! - [`shutdown`]: a cancellation token for SIGTERM / SIGINT, and [`shutdown::Loops`]: a service
-//!   loop that dies takes the service down.
-//! - [`trace`]: W3C trace context in AMQP headers, CHECK entries and gRPC metadata; with feature
-//!   `service`, the log subscriber (text / JSON with trace ids) and optional OTLP export (`otlp`).
-//! - [`telemetry`]: the metric catalog (names, labels, help) every component records by.
-//! - [`secret`]: `SecretUrl` (URLs that may hold passwords print redacted) and `redact_url`.
-//! - [`tls`]: rustls for the gRPC servers and clients and `amqps://`, from PEM files (clap
-//!   arguments with feature `service`).
-//! - `ops` (feature `service`): the ops HTTP server (`/metrics`, `/healthz`, `/readyz`) and gRPC
-//!   health, both from one set of readiness checks.
+//! [`wire`], [`security`] and [`telemetry`] at the ground, [`broker`] above them, [`producer`]
+//! and [`consumer`] side by side on the broker, [`service`] on top; each folder's page says what
+//! it holds. `ARCHITECTURE.md` in the repository is the code map and the invariants. The paths
+//! before the folders (`recheck::message`, `recheck::publisher`, `recheck::hook`, …) stay
+//! available as re-exports.
 
 #![warn(missing_docs)]
 
-pub mod auth;
-pub mod confirmer;
-pub mod consume;
+pub mod broker;
+pub mod consumer;
 pub mod db;
 mod error;
-pub mod group_commit;
-pub mod hook;
-pub mod inbox;
-pub mod message;
-#[cfg(feature = "service")]
-pub mod ops;
-pub mod parking;
 pub mod producer;
-pub mod publisher;
-mod reserve;
 pub mod retry;
-pub mod secret;
-#[cfg(feature = "service")]
+pub mod security;
 pub mod service;
-pub mod shutdown;
-pub mod signing;
-pub mod subscription;
 pub mod telemetry;
-pub mod tls;
-pub mod topology;
-pub mod trace;
+pub mod wire;
 
-pub use auth::BearerAuth;
-pub use confirmer::Confirmer;
-pub use consume::{Applied, ConsumerConfig, ConsumerLoop, Effect, Incoming, Transient};
+// The paths users named before the layers had folders.
+pub use broker::{group_commit, parking, publisher, subscription, topology};
+pub use consumer::{confirmer, consume, inbox};
+pub use producer::hook;
+pub use security::{auth, secret, signing, tls};
+#[cfg(feature = "service")]
+pub use service::ops;
+pub use service::shutdown;
+pub use telemetry::trace;
+pub use wire::message;
+
+pub use broker::{
+    group_commit::{GroupCommit, GroupCommitConfig},
+    publisher::{Outgoing, Publisher, PublisherConfig},
+    subscription::{Subscription, SubscriptionConfig},
+    topology::Topology,
+};
+pub use consumer::{
+    confirmer::Confirmer,
+    consume::{Applied, ConsumerConfig, ConsumerLoop, Effect, Incoming, Transient},
+    inbox::Inbox,
+};
 pub use error::{Error, Result};
-pub use group_commit::{GroupCommit, GroupCommitConfig};
-pub use hook::{Lookup, ResendHookService, ResendSource};
-pub use inbox::Inbox;
-pub use producer::{Event, Prepared, Producer, ProducerConfig};
-pub use publisher::{Outgoing, Publisher, PublisherConfig};
-pub use reserve::ReserveConfig;
-pub use secret::SecretUrl;
-pub use subscription::{Subscription, SubscriptionConfig};
-pub use topology::Topology;
+pub use producer::{
+    Event, Prepared, Producer, ProducerConfig, ReserveConfig,
+    hook::{Lookup, ResendHookService, ResendSource},
+};
+pub use security::{auth::BearerAuth, secret::SecretUrl};

@@ -13,7 +13,7 @@ use std::{future::Future, time::Duration};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, telemetry};
+use crate::{error::Error, telemetry};
 
 /// What a failed delivery becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

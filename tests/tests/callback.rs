@@ -240,7 +240,7 @@ async fn duplicated_checks_and_two_instances_resend_each_attempt_once(url: &str)
             traceparent: None,
             reserved: false,
         };
-        recheck::producer::publish_checks(
+        recheck::broker::control::publish_checks(
             &env.publisher,
             &env.topology,
             &CheckBatch::new("orders", vec![check]),
@@ -330,9 +330,14 @@ async fn thousands_of_confirms_take_few_transactions(url: &str) {
     for chunk in ids.chunks(500) {
         let checks = chunk.iter().map(|id| recheck_tests::first_check(*id, &[])).collect();
         let batch = CheckBatch::new("orders", checks);
-        recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
-            .await
-            .unwrap();
+        recheck::broker::control::publish_checks(
+            &env.publisher,
+            &env.topology,
+            &batch,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
     }
     wait_for("every message confirmed at its check", SOON, || async {
         let counts = env.store.counts().await.unwrap();
@@ -359,7 +364,7 @@ async fn an_unknown_producer_fails_visibly(url: &str) {
         reserved: false,
     };
     let batch = CheckBatch::new("ghost", vec![check]);
-    recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
+    recheck::broker::control::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
         .await
         .unwrap();
     let row = env.wait_status(id, Status::Failed, SOON).await;

@@ -77,7 +77,7 @@ fn committed(env: &Env) -> Uuid {
 async fn check(env: &Env, id: Uuid, expect: &[&str]) {
     let check = Check { business_key: format!("key-{id}"), ..recheck_tests::first_check(id, expect) };
     let batch = CheckBatch::new("orders", vec![check]);
-    recheck::producer::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
+    recheck::broker::control::publish_checks(&env.publisher, &env.topology, &batch, Duration::from_secs(1))
         .await
         .unwrap();
 }

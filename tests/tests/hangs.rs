@@ -21,8 +21,8 @@ use harness::Env;
 use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use recheck::{
     Outgoing, Publisher, PublisherConfig, Subscription, SubscriptionConfig,
+    broker::control::publish_checks,
     message::{Check, CheckBatch, now_ms},
-    producer::publish_checks,
     subscription::SETTLE_TIMEOUT,
 };
 use recheck_proto::v1::{

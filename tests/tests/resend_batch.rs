@@ -21,9 +21,9 @@ use callback_service::{
 use common::{Drain, fresh_broker, wait_for};
 use recheck::{
     Lookup, Producer, ProducerConfig, Publisher, ResendHookService, ResendSource, Topology,
+    broker::control::publish_checks,
     hook::BoxError,
     message::{BusinessHeaders, Check, CheckBatch, now_ms},
-    producer::publish_checks,
 };
 use recheck_proto::v1::{
     ResendBatchRequest, ResendBatchResponse, ResendRequest, ResendResponse,

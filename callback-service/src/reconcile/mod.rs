@@ -26,9 +26,9 @@ use std::{
 use lapin::message::Delivery;
 use recheck::{
     Publisher, Subscription, SubscriptionConfig, Topology,
+    broker::control::publish_checks,
     message::{Check, CheckBatch, Limits, now_ms},
     parking::park_and_ack,
-    producer::publish_checks,
     retry::{self, Settled},
     subscription, telemetry,
 };

@@ -32,14 +32,11 @@ pub enum AttemptOutcome {
     Terminal { status: Status, reason: String },
 }
 
-/// A check as the store sees it, for the reconciler to decide on.
-pub type CheckView = MessageRow;
-
 impl Store {
     /// Creates the row from a check (or fills in a row a confirm created) and
     /// returns it. A check from a later attempt than the row knows (a redrive
     /// on another instance, a purge) moves the row forward to it.
-    pub async fn record_check(&self, producer: &str, check: &Check) -> Result<CheckView> {
+    pub async fn record_check(&self, producer: &str, check: &Check) -> Result<MessageRow> {
         let row = self.get(&id_text(check.message_id)).await?;
         self.record_check_read(producer, check, row).await
     }
@@ -50,7 +47,7 @@ impl Store {
         producer: &str,
         check: &Check,
         row: Option<MessageRow>,
-    ) -> Result<CheckView> {
+    ) -> Result<MessageRow> {
         let id = id_text(check.message_id);
         let row = match row {
             Some(row) if row.recorded_for(check) => return Ok(row),

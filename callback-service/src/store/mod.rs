@@ -28,7 +28,7 @@ use recheck::{
 use sqlx::{AnyPool, migrate::Migrator};
 use uuid::Uuid;
 
-pub use checks::{AttemptOutcome, CheckView};
+pub use checks::AttemptOutcome;
 pub use confirms::IngestReport;
 pub use queries::Counts;
 

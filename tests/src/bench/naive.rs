@@ -14,10 +14,10 @@ use futures_util::future::try_join_all;
 use lapin::{message::Delivery, options::BasicAckOptions};
 use recheck::{
     Outgoing, Publisher, Subscription, SubscriptionConfig, Topology,
+    broker::control::publish_checks,
     message::{
         BusinessHeaders, CONTENT_TYPE_JSON, Check, CheckBatch, Confirm, ConfirmBatch, Limits, Outcome, now_ms,
     },
-    producer::publish_checks,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
