@@ -92,10 +92,9 @@ impl ConfirmIngest {
                 settle_acked(subscription::ack(last, true).await);
                 report
             }
-            Settled::Stopped(_) => {
-                for (d, _) in &good {
-                    let _ = subscription::nack(d).await;
-                }
+            Settled::Stopped(_) | Settled::Abandoned => {
+                let good: Vec<&Delivery> = good.iter().map(|(d, _)| d).collect();
+                subscription::nack_all(&good).await;
                 IngestReport::default()
             }
             Settled::Poison(e) => {
@@ -112,7 +111,7 @@ impl ConfirmIngest {
                                 self.counters.parked.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        Settled::Stopped(_) => {
+                        Settled::Stopped(_) | Settled::Abandoned => {
                             let _ = subscription::nack(d).await;
                         }
                     }

@@ -101,11 +101,21 @@ pub enum Settled<T, E> {
     Poison(E),
     /// Shutdown came while waiting to try again: hand the delivery back (nack).
     Stopped(E),
+    /// Shutdown came during an attempt that did not end within [`IN_FLIGHT_GRACE`]: it was
+    /// dropped unfinished; hand the delivery back (nack). Whatever it had committed is found
+    /// again on redelivery (the inbox, the store's conditional updates).
+    Abandoned,
 }
+
+/// How long an attempt in progress at shutdown may still take. Past it the attempt is dropped:
+/// a publish waiting for a confirm on a half-dead connection would otherwise hold shutdown for
+/// the whole `publish_timeout`.
+pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(3);
 
 /// Runs `attempt` until it succeeds or fails with poison. A transient failure is logged, counted
 /// (`recheck_delivery_retries_total{queue}`) and tried again after the next [`backoff`] delay.
-/// An attempt in progress is never cut short; only the wait between two is.
+/// At shutdown the wait between two attempts ends at once; an attempt in progress gets
+/// [`IN_FLIGHT_GRACE`] to finish, then is dropped ([`Settled::Abandoned`]).
 pub async fn until_settled<T, E, F, Fut>(
     queue: &str,
     shutdown: &CancellationToken,
@@ -117,8 +127,21 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut delays = backoff();
+    // Owned, so the future holds no borrow across its awaits (spawned callers need it `Send`).
+    let past_grace = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled_owned().await;
+            tokio::time::sleep(IN_FLIGHT_GRACE).await;
+        }
+    };
+    tokio::pin!(past_grace);
     loop {
-        let e = match attempt().await {
+        let result = tokio::select! {
+            result = attempt() => result,
+            () = &mut past_grace => return Settled::Abandoned,
+        };
+        let e = match result {
             Ok(done) => return Settled::Done(done),
             Err(e) if e.disposition() == Disposition::Poison => return Settled::Poison(e),
             Err(e) => e,
@@ -199,6 +222,31 @@ mod tests {
         assert!(matches!(settled, Settled::Stopped(_)));
         // Capped at 10 s (+ jitter up to the delay itself): ten minutes take at least 30 tries.
         assert!(tries.load(Ordering::Relaxed) >= 30, "{}", tries.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_in_progress_at_shutdown_gets_the_grace_then_is_dropped() {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stop.cancel();
+        });
+        let started = tokio::time::Instant::now();
+        // A publish waiting for a confirm that never comes.
+        let settled = until_settled("q", &shutdown, || std::future::pending::<Result<(), Fails>>()).await;
+        assert!(matches!(settled, Settled::Abandoned), "{settled:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5) + IN_FLIGHT_GRACE);
+
+        // One that ends within the grace keeps its result.
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let settled = until_settled("q", &shutdown, || async {
+            tokio::time::sleep(IN_FLIGHT_GRACE / 2).await;
+            Ok::<_, Fails>(7)
+        })
+        .await;
+        assert!(matches!(settled, Settled::Done(7)), "{settled:?}");
     }
 
     #[test]

@@ -194,6 +194,10 @@ impl Reconciler {
                 tracing::info!(error = %e, "shutting down; check handed back for redelivery");
                 let _ = subscription::nack(delivery).await;
             }
+            Settled::Abandoned => {
+                tracing::info!("shutting down mid-check; handed back for redelivery");
+                let _ = subscription::nack(delivery).await;
+            }
         }
     }
 

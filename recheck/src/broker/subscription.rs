@@ -101,6 +101,18 @@ pub async fn nack(delivery: &Delivery) -> Result<()> {
     settled(timeout(SETTLE_TIMEOUT, nacking).await)
 }
 
+/// Hands `deliveries` back one by one, stopping at the first that fails: its channel is then
+/// taken as lost, and the broker redelivers the rest when it closes. (Going on would cost a
+/// [`SETTLE_TIMEOUT`] per delivery on a dead connection: minutes for one batch.)
+pub async fn nack_all(deliveries: &[&Delivery]) {
+    for d in deliveries {
+        if let Err(e) = nack(d).await {
+            tracing::warn!(error = %e, "handing deliveries back failed; the broker redelivers them");
+            return;
+        }
+    }
+}
+
 fn settled(result: std::result::Result<lapin::Result<bool>, tokio::time::error::Elapsed>) -> Result<()> {
     match result {
         Ok(Ok(_)) => Ok(()),

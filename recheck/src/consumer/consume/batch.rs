@@ -100,11 +100,14 @@ impl<E: Effect> ConsumerLoop<E> {
                 return Ok((report, held));
             }
             Settled::Poison(e) | Settled::Stopped(e) => e,
+            Settled::Abandoned => crate::error::Error::Timeout(retry::IN_FLIGHT_GRACE),
         };
-        let unsettled = pending.iter().map(|(d, _)| d);
-        for d in unsettled.chain(poison.iter().map(|(d, _)| d)).chain(held.iter().map(|h| &h.delivery)) {
-            let _ = subscription::nack(d).await;
-        }
+        // Collected first: an iterator of closures held across the await would not be `Send`.
+        let unsettled: Vec<&Delivery> = (pending.iter().map(|(d, _)| d))
+            .chain(poison.iter().map(|(d, _)| d))
+            .chain(held.iter().map(|h| &h.delivery))
+            .collect();
+        subscription::nack_all(&unsettled).await;
         Err(e)
     }
 

@@ -90,7 +90,7 @@ impl<E: Effect> ConsumerLoop<E> {
                     report.parked += 1;
                 }
             }
-            Settled::Stopped(_) => {
+            Settled::Stopped(_) | Settled::Abandoned => {
                 let _ = subscription::nack(&d).await;
             }
         }
