@@ -234,7 +234,7 @@ mod tests {
         });
         let started = tokio::time::Instant::now();
         // A publish waiting for a confirm that never comes.
-        let settled = until_settled("q", &shutdown, || std::future::pending::<Result<(), Fails>>()).await;
+        let settled = until_settled("q", &shutdown, std::future::pending::<Result<(), Fails>>).await;
         assert!(matches!(settled, Settled::Abandoned), "{settled:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(5) + IN_FLIGHT_GRACE);
 
