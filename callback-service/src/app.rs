@@ -246,7 +246,9 @@ async fn status_gauge(store: &Store, shutdown: &CancellationToken) {
 }
 
 /// Retention: deletes terminal rows older than `retention`, and `unused` rows older than
-/// `unused_retention`, every `interval`.
+/// `unused_retention`, every `interval`. A purge of many rows takes minutes in paced batches
+/// (`store/purge.rs`), so shutdown does not wait for it: the batch under way rolls back, the
+/// ones before it stay committed.
 async fn purge(
     store: &Store,
     [retention, unused_retention]: [Duration; 2],
@@ -260,12 +262,20 @@ async fn purge(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match store.purge(before(retention)).await {
+        let purged = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            purged = store.purge(before(retention)) => purged,
+        };
+        match purged {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "retention purge"),
             Err(e) => tracing::warn!(error = %e, "retention purge failed"),
         }
-        match store.purge_unused(before(unused_retention), 1_000).await {
+        let purged = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            purged = store.purge_unused(before(unused_retention)) => purged,
+        };
+        match purged {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "unused reservations purged"),
             Err(e) => tracing::warn!(error = %e, "purge of unused reservations failed"),

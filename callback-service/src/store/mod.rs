@@ -8,12 +8,14 @@
 //! - [`first_checks`]: a CHECK batch meeting rows that lack their CHECK, and their confirms;
 //! - [`checks`]: the per-attempt transitions of the state machine, each a
 //!   conditional update on `(message_id, attempt)`;
-//! - [`queries`]: what the admin API reads and redrives, stats, retention;
+//! - [`queries`]: what the admin API reads and redrives, stats;
+//! - [`purge`]: retention, in bounded batches;
 //! - [`sweep`]: overdue checks claimed for the sweeper, and deferred checks' due times.
 
 mod checks;
 mod confirms;
 mod first_checks;
+mod purge;
 mod queries;
 mod settle;
 mod sweep;

@@ -1,5 +1,5 @@
 //! What operators read and change: one message with its confirms and history,
-//! lists by status (with the latest reason), redrive, stats and throughput, and retention.
+//! lists by status (with the latest reason), redrive, stats and throughput.
 
 use std::collections::HashMap;
 
@@ -24,9 +24,6 @@ impl Counts {
         self.by_status.iter().map(|(_, n)| n).sum()
     }
 }
-
-/// Statuses retention may delete.
-const PURGEABLE: &str = "('confirmed', 'void', 'rejected', 'failed')";
 
 impl Store {
     /// A message with its confirms and its history, oldest first.
@@ -264,28 +261,5 @@ impl Store {
         }
         let rows: Vec<(String, String)> = query.fetch_all(&self.pool).await?;
         Ok(rows.into_iter().collect())
-    }
-
-    /// Deletes terminal messages (with their confirms and history) not touched
-    /// since `before_ms`; returns how many messages.
-    pub async fn purge(&self, before_ms: i64) -> Result<u64> {
-        let mut tx = self.begin().await?;
-        for table in ["confirms", "history"] {
-            let sql = format!(
-                "DELETE FROM {table} WHERE message_id IN
-                 (SELECT message_id FROM messages WHERE status IN {PURGEABLE} AND updated_at < $1)"
-            );
-            // Table names and statuses are constants of this file, not input.
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(before_ms).execute(&mut *tx).await?;
-        }
-        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM messages WHERE status IN {PURGEABLE} AND updated_at < $1"
-        )))
-        .bind(before_ms)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.committed();
-        Ok(done.rows_affected())
     }
 }

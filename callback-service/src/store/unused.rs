@@ -5,7 +5,7 @@
 use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
-use super::{Result, Store, expect_text, id_text, placeholders, tuples};
+use super::{Result, Store, expect_text, id_text, tuples};
 
 impl Store {
     /// Records the released `checks` of `producer` as `unused`; an id with a row already (a
@@ -54,42 +54,5 @@ impl Store {
         tx.commit().await?;
         self.committed();
         Ok(released)
-    }
-
-    /// Deletes `unused` rows (with the history of a check that found one unused) not touched
-    /// since `before_ms`, at most `batch` per transaction so ingest is never stalled behind one
-    /// long delete; returns how many.
-    pub async fn purge_unused(&self, before_ms: i64, batch: usize) -> Result<u64> {
-        let chunk_rows = self.chunk_rows();
-        let limit = i64::try_from(batch.clamp(1, chunk_rows)).unwrap_or(1);
-        let mut purged = 0;
-        loop {
-            let mut tx = self.begin().await?;
-            let ids: Vec<(String,)> = sqlx::query_as(
-                "SELECT message_id FROM messages WHERE status = 'unused' AND updated_at < $1 LIMIT $2",
-            )
-            .bind(before_ms)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
-            if ids.is_empty() {
-                return Ok(purged);
-            }
-            // No confirms exist for an unused id: a confirm would have moved it on.
-            for (table, also) in [("history", ""), ("messages", " AND status = 'unused'")] {
-                let sql =
-                    format!("DELETE FROM {table} WHERE message_id IN ({}){also}", placeholders(ids.len(), 1));
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for (id,) in &ids {
-                    query = query.bind(id.as_str());
-                }
-                let done = query.execute(&mut *tx).await?.rows_affected();
-                if table == "messages" {
-                    purged += done;
-                }
-            }
-            tx.commit().await?;
-            self.committed();
-        }
     }
 }

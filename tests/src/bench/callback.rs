@@ -32,18 +32,20 @@ use super::{
 const CHECK_PREFETCH: u64 = 32;
 
 /// A fresh vhost and store, the topology declared, and a publisher to fill queues with.
-struct Stage {
+pub(super) struct Stage {
     vhost: String,
     amqp_url: String,
-    database_url: String,
+    pub(super) database_url: String,
     topology: Topology,
-    publisher: Publisher,
-    dir: std::path::PathBuf,
+    pub(super) publisher: Publisher,
+    pub(super) dir: std::path::PathBuf,
     tiers: String,
+    /// More settings for the service (`size.rs`: retention and purge).
+    pub(super) service_env: Vec<(&'static str, String)>,
 }
 
 impl Stage {
-    async fn new(env: &Env<'_>, store: CallbackStore, name: &str, tiers: &str) -> Result<Self> {
+    pub(super) async fn new(env: &Env<'_>, store: CallbackStore, name: &str, tiers: &str) -> Result<Self> {
         let vhost = env.fresh_vhost().await?;
         let dir = env.options.out.join(format!("callback-{name}-{}", store.label().to_lowercase()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -64,34 +66,33 @@ impl Stage {
             publisher,
             dir,
             tiers: tiers.into(),
+            service_env: Vec::new(),
         })
     }
 
     /// Starts the callback service binary and waits until it has built (store migrated, gRPC bound).
-    async fn start_service(&self, env: &Env<'_>, log: &str) -> Result<Process> {
+    pub(super) async fn start_service(&self, env: &Env<'_>, log: &str) -> Result<Process> {
         let port = crate::free_port()?;
         // Nothing listens there: the backlog run's hook is down (the rates run never calls it).
         let hook = crate::free_port()?;
-        let mut service = Process::spawn(
-            &env.bin_dir.join("callback-service"),
-            &[],
-            &[
-                ("RECHECK_AMQP_URL", self.amqp_url.clone()),
-                ("DATABASE_URL", self.database_url.clone()),
-                ("RECHECK_GRPC_ADDR", format!("127.0.0.1:{port}")),
-                ("RECHECK_PRODUCERS", format!("orders=http://127.0.0.1:{hook}")),
-                ("RECHECK_DELAY_TIERS", self.tiers.clone()),
-                ("RECHECK_LOG", "error".into()),
-                // Any free port for the ops listener (/metrics): others may run beside it.
-                ("RECHECK_OPS_ADDR", "127.0.0.1:0".into()),
-            ],
-            self.dir.join(log),
-        )?;
+        let mut settings = vec![
+            ("RECHECK_AMQP_URL", self.amqp_url.clone()),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("RECHECK_GRPC_ADDR", format!("127.0.0.1:{port}")),
+            ("RECHECK_PRODUCERS", format!("orders=http://127.0.0.1:{hook}")),
+            ("RECHECK_DELAY_TIERS", self.tiers.clone()),
+            ("RECHECK_LOG", "error".into()),
+            // Any free port for the ops listener (/metrics): others may run beside it.
+            ("RECHECK_OPS_ADDR", "127.0.0.1:0".into()),
+        ];
+        settings.extend(self.service_env.iter().cloned());
+        let mut service =
+            Process::spawn(&env.bin_dir.join("callback-service"), &[], &settings, self.dir.join(log))?;
         service.wait_for_port(port, Duration::from_secs(120)).await?;
         Ok(service)
     }
 
-    async fn fill_confirms(&self, ids: &[Uuid], per_message: usize) -> Result<()> {
+    pub(super) async fn fill_confirms(&self, ids: &[Uuid], per_message: usize) -> Result<()> {
         let bodies = ids
             .chunks(per_message)
             .map(|chunk| {
@@ -204,15 +205,15 @@ pub async fn rates(env: &Env<'_>, store: CallbackStore) -> Result<CallbackRates>
 }
 
 /// One timed run of the callback service over a pre-filled checks queue.
-struct CheckPass {
-    per_s: f64,
-    timing: String,
+pub(super) struct CheckPass {
+    pub(super) per_s: f64,
+    pub(super) timing: String,
     cpu_s_per_1k: f64,
     peak_rss_bytes: u64,
 }
 
 /// Fills the checks queue with a check per id, starts the service and times it until `done`.
-async fn check_pass<F, Fut>(
+pub(super) async fn check_pass<F, Fut>(
     env: &Env<'_>,
     stage: &Stage,
     ids: &[Uuid],
@@ -263,7 +264,7 @@ where
 }
 
 /// Waits until the checks queue holds nothing, delivered-but-unacked included.
-async fn queue_empty(env: &Env<'_>, stage: &Stage, deadline: Instant) -> Result<()> {
+pub(super) async fn queue_empty(env: &Env<'_>, stage: &Stage, deadline: Instant) -> Result<()> {
     let queue = stage.topology.checks_queue();
     loop {
         let listed = env

@@ -8,7 +8,8 @@
 //! - [`outbox`] — the transactional-outbox baseline; its producer is [`outbox_service`]
 //!   (`bench outbox-service`, a process of its own).
 //! - [`callback`] — the callback service alone: ingest and check rates from pre-filled queues,
-//!   memory with a backlog of pending checks.
+//!   memory with a backlog of pending checks; [`size`] — the same rates with millions of rows
+//!   stored, and ingest while the retention purge runs.
 //! - [`load`] — the `CreateOrder` load client and latency histograms; [`procfs`] — CPU and RSS per
 //!   process; [`process`] — processes the bench starts itself; [`broker`] — queue depths, fills.
 //! - [`report`] — the results, as JSON and as the markdown tables of the README.
@@ -25,6 +26,7 @@ pub mod procfs;
 pub mod raw;
 pub mod recheck_flow;
 pub mod report;
+pub mod size;
 
 use std::{
     path::{Path, PathBuf},
@@ -62,6 +64,9 @@ pub enum Part {
     Backlog,
     /// Drain after a hook outage: `ResendBatch` against one `Resend` per message.
     Drain,
+    /// The callback rates with `--size-rows` rows stored, and ingest while the purge runs. Only
+    /// when named: pre-filling 10 M rows takes minutes.
+    Size,
 }
 
 /// What to run and how big.
@@ -112,6 +117,12 @@ pub struct BenchOptions {
     /// largest tier, so the checks that failed before the circuit opened are deferred too.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain_outage: Duration,
+    /// Rows already in the callback store when the size part measures its rates.
+    #[arg(long, value_delimiter = ',', default_value = "100000,10000000")]
+    pub size_rows: Vec<u64>,
+    /// Old terminal rows the size part's purge deletes while confirms are ingested.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub purge_rows: u64,
     /// Ids per CHECK / CONFIRM message in the pre-filled queues.
     #[arg(long, default_value_t = 100)]
     pub ids_per_message: usize,
@@ -142,12 +153,14 @@ impl BenchOptions {
         self.drain_messages = 500;
         // Just past the largest default tier (5 s).
         self.drain_outage = Duration::from_secs(6);
+        self.size_rows = vec![1_000, 5_000];
+        self.purge_rows = 5_000;
         self.deadline = self.deadline.min(Duration::from_secs(120));
         self
     }
 
     fn runs(&self, part: Part) -> bool {
-        self.only.is_empty() || self.only.contains(&part)
+        if self.only.is_empty() { part != Part::Size } else { self.only.contains(&part) }
     }
 
     fn check_delay_text(&self) -> String {
@@ -348,6 +361,13 @@ pub async fn run(
             }
         }
     }
+    let mut size = size::Measured::default();
+    if env.options.runs(Part::Size) {
+        size = size::run(&env).await;
+        for (what, e) in std::mem::take(&mut size.failed) {
+            note(&what, e);
+        }
+    }
     let rabbitmq = kit.rabbit.ctl(&["version"]).await.map(|v| v.trim().to_owned()).unwrap_or_default();
     let report = Report {
         machine: Machine {
@@ -364,6 +384,8 @@ pub async fn run(
         callback_rates,
         backlog,
         drain,
+        size: size.rates,
+        purge: size.purges,
     };
     Ok((report, errors))
 }
