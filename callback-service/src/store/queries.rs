@@ -165,25 +165,26 @@ impl Store {
     /// Row counts per status (every status, zeros included), and of the open ones how many
     /// still wait for their CHECK (known only from confirms), in one scan.
     pub async fn counts(&self) -> Result<Counts> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT status, COUNT(*), CAST(SUM(CASE WHEN producer = '' THEN 1 ELSE 0 END) AS BIGINT)
-             FROM messages GROUP BY status",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        // Two queries, so neither reads the table's rows for the terminal ones: the counts per
+        // status come from an index alone; `producer` is read only for the open rows. (One
+        // query summing over `producer` read every row: 4 s a count at 10 M stored rows.)
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM messages GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        let open = Status::ALL.into_iter().filter(|s| !s.is_terminal()).map(|s| format!("'{}'", s.as_str()));
+        let sql = format!(
+            "SELECT COUNT(*) FROM messages WHERE status IN ({}) AND producer = ''",
+            open.collect::<Vec<_>>().join(", ")
+        );
+        // The statuses are the crate's constants, not input.
+        let awaiting_check: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.pool).await?;
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
         let by_status = Status::ALL
             .into_iter()
-            .map(|s| {
-                (s, rows.iter().find(|(name, ..)| name == s.as_str()).map_or(0, |(_, count, _)| n(*count)))
-            })
+            .map(|s| (s, rows.iter().find(|(name, _)| name == s.as_str()).map_or(0, |(_, count)| n(*count))))
             .collect();
-        let awaiting_check = rows
-            .iter()
-            .filter(|(name, ..)| Status::parse(name).is_some_and(|s| !s.is_terminal()))
-            .map(|(_, _, unchecked)| n(*unchecked))
-            .sum();
-        Ok(Counts { by_status, awaiting_check })
+        Ok(Counts { by_status, awaiting_check: n(awaiting_check) })
     }
 
     /// Per producer, when its oldest open (`pending` / `resent`) message was prepared (its
