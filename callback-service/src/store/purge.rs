@@ -42,17 +42,16 @@ impl Store {
     async fn purge_batches(&self, statuses: &str, before_ms: i64) -> Result<u64> {
         let chunk_rows = self.chunk_rows();
         let condition = format!("status IN {statuses} AND updated_at < $1");
+        // In the order of the index on (status, updated_at), which a batch then reads: only the
+        // rows it deletes. Unordered, PostgreSQL takes a sequential scan (nearly every old row
+        // qualifies), which walks again, every batch, the rows deleted before it.
+        let select =
+            format!("SELECT message_id FROM messages WHERE {condition} ORDER BY status, updated_at LIMIT $2");
         let mut purged = 0;
         loop {
             let started = Instant::now();
             let mut tx = self.begin().await?;
-            // In the order of the index on (status, updated_at), which a batch then reads: only
-            // the rows it deletes. Unordered, PostgreSQL takes a sequential scan (nearly every old
-            // row qualifies), which walks again, every batch, the rows deleted before it.
-            let select = format!(
-                "SELECT message_id FROM messages WHERE {condition} ORDER BY status, updated_at LIMIT $2"
-            );
-            let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(select))
+            let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(select.as_str()))
                 .bind(before_ms)
                 .bind(i64::try_from(chunk_rows).unwrap_or(i64::MAX))
                 .fetch_all(&mut *tx)
