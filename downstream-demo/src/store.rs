@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use recheck::db::tuples;
+use recheck::db::Binds;
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe};
 
 use crate::order::Order;
@@ -55,14 +55,15 @@ const CHUNK: usize = 256;
 /// twice). Set-based: one ledger insert and one balance upsert per 256 orders.
 pub async fn award(tx: &mut AnyConnection, awards: &[(String, Order)], now_ms: i64) -> sqlx::Result<()> {
     for chunk in awards.chunks(CHUNK) {
-        let rows = tuples(chunk.len(), 2, &[None, None, None, None, Some("$1")]);
+        let at = Binds::shared(chunk.len() * 4, 1);
+        let rows = Binds::of(tx).tuples(chunk.len(), &[None, None, None, None, Some(&at)]);
         let sql =
             format!("INSERT INTO points (message_id, order_id, customer, points, awarded_at) VALUES {rows}");
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_ms);
+        let mut query = sqlx::query(AssertSqlSafe(sql));
         for (message_id, order) in chunk {
             query = query.bind(message_id).bind(&order.order_id).bind(&order.customer).bind(order.points());
         }
-        query.execute(&mut *tx).await?;
+        query.bind(now_ms).execute(&mut *tx).await?;
     }
     // One row per customer (PostgreSQL's ON CONFLICT cannot touch a row twice in a statement), in
     // customer order, so that two instances on one store lock balances in one order.
@@ -74,7 +75,7 @@ pub async fn award(tx: &mut AnyConnection, awards: &[(String, Order)], now_ms: i
     }
     let balances: Vec<_> = balances.into_iter().collect();
     for chunk in balances.chunks(CHUNK) {
-        let rows = tuples(chunk.len(), 1, &[None, None, None]);
+        let rows = Binds::of(tx).tuples(chunk.len(), &[None, None, None]);
         let sql = format!(
             "INSERT INTO balances (customer, points, orders) VALUES {rows}
              ON CONFLICT (customer) DO UPDATE

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use recheck::db::Binds;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Transaction};
 use uuid::Uuid;
 
@@ -54,19 +55,20 @@ pub struct Order {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    binds: Binds,
 }
 
 impl Store {
     /// Connects and creates the `orders` table if it is missing.
     pub async fn connect(url: &str) -> Result<Self> {
         // WAL (set by the SDK) lets the resend hook read while orders are being written.
-        let (pool, _) = recheck::db::connect(url).await.map_err(|e| match e {
+        let (pool, backend) = recheck::db::connect(url).await.map_err(|e| match e {
             recheck::Error::Db(e) => StoreError::from(e),
             other => StoreError::Url(other.to_string()),
         })?;
         sqlx::query(SCHEMA).execute(&pool).await?;
         sqlx::query(HOOK_CALLS_SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, binds: Binds::new(backend) })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -110,7 +112,7 @@ impl Store {
         for ids in message_ids.chunks(CHUNK_ROWS) {
             let sql = format!(
                 "SELECT message_id, payload FROM orders WHERE message_id IN ({})",
-                recheck::db::placeholders(ids.len(), 1)
+                self.binds.list(ids.len())
             );
             let mut query = sqlx::query_as::<_, (String, String)>(AssertSqlSafe(sql)).persistent(false);
             for id in ids {
@@ -136,15 +138,16 @@ impl Store {
     pub async fn record_hook_calls(&self, calls: &[(&str, u32, &str)]) -> Result<()> {
         let at = recheck::message::now_ms();
         for chunk in calls.chunks(CHUNK_ROWS) {
+            let shared = Binds::shared(chunk.len() * 3, 1);
             let sql = format!(
                 "INSERT INTO hook_calls (message_id, attempt, outcome, at) VALUES {}",
-                recheck::db::tuples(chunk.len(), 2, &[None, None, None, Some("$1")])
+                self.binds.tuples(chunk.len(), &[None, None, None, Some(&shared)])
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(at);
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
             for (message_id, attempt, outcome) in chunk {
                 query = query.bind(*message_id).bind(i64::from(*attempt)).bind(*outcome);
             }
-            query.execute(&self.pool).await?;
+            query.bind(at).execute(&self.pool).await?;
         }
         Ok(())
     }

@@ -8,8 +8,7 @@ use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
 use super::{
-    MessageRow, RawMessage, Result, Status, Store, id_text, message_from, placeholders, record_transition,
-    select_messages,
+    MessageRow, RawMessage, Result, Status, Store, id_text, message_from, record_transition, select_messages,
 };
 
 impl MessageRow {
@@ -231,7 +230,7 @@ impl Store {
         for ids in message_ids.chunks(chunk_rows) {
             let sql = format!(
                 concat!(select_messages!("WHERE message_id IN ("), "{})"),
-                placeholders(ids.len(), 1)
+                self.binds().list(ids.len())
             );
             let mut query = sqlx::query_as::<_, RawMessage>(AssertSqlSafe(sql)).persistent(false);
             for id in ids {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use recheck::message::{Confirm, Outcome, now_ms};
 use sqlx::{AnyConnection, AssertSqlSafe};
 
-use super::{Result, Status, Store, chunk_rows, id_text, placeholders, settle::Expected, tuples};
+use super::{Binds, Result, Status, Store, chunk_rows, id_text, settle::Expected};
 
 /// What one ingest transaction did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -224,30 +224,31 @@ fn settling<'a>(
 /// another committed (two consumers' confirms in concurrent batches once both waited for the next
 /// check), and the id order keeps two batches from deadlocking.
 async fn insert_or_lock(tx: &mut AnyConnection, ids: &[&str], now: i64) -> Result<()> {
-    let chunk_rows = chunk_rows(tx);
+    let (chunk_rows, binds) = (chunk_rows(tx), Binds::of(tx));
     for ids in ids.chunks(chunk_rows) {
+        let now_p = Binds::shared(ids.len(), 1);
         let sql = format!(
             "INSERT INTO messages (message_id, status, created_at, updated_at) VALUES {}
              ON CONFLICT (message_id) DO UPDATE SET updated_at = messages.updated_at WHERE 1 = 0",
-            tuples(ids.len(), 2, &[None, Some("'pending'"), Some("$1"), Some("$1")])
+            binds.tuples(ids.len(), &[None, Some("'pending'"), Some(&now_p), Some(&now_p)])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(ids.len() == chunk_rows).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(ids.len() == chunk_rows);
         for id in ids {
             query = query.bind(*id);
         }
-        query.execute(&mut *tx).await?;
+        query.bind(now).execute(&mut *tx).await?;
     }
     Ok(())
 }
 
 /// Status, expect and attempt of every id (each has a row by now).
 async fn read_rows(tx: &mut AnyConnection, ids: &[&str]) -> Result<HashMap<String, RowState>> {
-    let chunk_rows = chunk_rows(tx);
+    let (chunk_rows, binds) = (chunk_rows(tx), Binds::of(tx));
     let mut rows = HashMap::with_capacity(ids.len());
     for ids in ids.chunks(chunk_rows) {
         let sql = format!(
             "SELECT message_id, status, producer, expect, attempt FROM messages WHERE message_id IN ({})",
-            placeholders(ids.len(), 1)
+            binds.list(ids.len())
         );
         let mut query =
             sqlx::query_as::<_, (String, String, String, Option<String>, i64)>(AssertSqlSafe(sql))
@@ -278,12 +279,12 @@ pub(super) async fn read_confirms(
     tx: &mut AnyConnection,
     ids: &[&str],
 ) -> Result<HashMap<String, HashMap<String, Outcome>>> {
-    let chunk_rows = chunk_rows(tx);
+    let (chunk_rows, binds) = (chunk_rows(tx), Binds::of(tx));
     let mut stored: HashMap<String, HashMap<String, Outcome>> = HashMap::new();
     for ids in ids.chunks(chunk_rows) {
         let sql = format!(
             "SELECT message_id, consumer, outcome FROM confirms WHERE message_id IN ({})",
-            placeholders(ids.len(), 1)
+            binds.list(ids.len())
         );
         let mut query = sqlx::query_as::<_, (String, String, String)>(AssertSqlSafe(sql))
             .persistent(ids.len() == chunk_rows);
@@ -302,7 +303,7 @@ pub(super) async fn read_confirms(
 /// Stores the confirms. A `duplicate` never overwrites what the consumer first said; repeats of
 /// one (id, consumer) are folded the same way first (one statement may not update a row twice).
 async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -> Result<()> {
-    let chunk_rows = chunk_rows(tx);
+    let (chunk_rows, binds) = (chunk_rows(tx), Binds::of(tx));
     let mut rows: Vec<&Item> = Vec::with_capacity(items.len());
     for item in items {
         match rows.last_mut() {
@@ -315,15 +316,16 @@ async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -
         }
     }
     for rows in rows.chunks(chunk_rows) {
+        let now_p = Binds::shared(rows.len() * 5, 1);
         let sql = format!(
             "INSERT INTO confirms (message_id, consumer, outcome, detail, processed_at, received_at)
              VALUES {}
              ON CONFLICT (message_id, consumer) DO UPDATE
              SET outcome = excluded.outcome, detail = excluded.detail, processed_at = excluded.processed_at
              WHERE confirms.outcome = 'duplicate'",
-            tuples(rows.len(), 2, &[None, None, None, None, None, Some("$1")])
+            binds.tuples(rows.len(), &[None, None, None, None, None, Some(&now_p)])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(rows.len() == chunk_rows).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(rows.len() == chunk_rows);
         for item in rows {
             query = query
                 .bind(item.id.as_str())
@@ -332,7 +334,7 @@ async fn upsert_confirms(tx: &mut AnyConnection, items: &[Item<'_>], now: i64) -
                 .bind(item.confirm.detail.as_deref())
                 .bind(item.confirm.processed_at);
         }
-        query.execute(&mut *tx).await?;
+        query.bind(now).execute(&mut *tx).await?;
     }
     Ok(())
 }
@@ -346,7 +348,7 @@ pub(super) async fn move_rows<'a>(
     moves: Vec<Move<'a>>,
     now: i64,
 ) -> Result<Vec<Move<'a>>> {
-    let chunk_rows = chunk_rows(tx);
+    let (chunk_rows, binds) = (chunk_rows(tx), Binds::of(tx));
     let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
     for m in &moves {
         groups.entry((m.from.as_str(), m.settled.to().as_str())).or_default().push(m.id);
@@ -354,20 +356,21 @@ pub(super) async fn move_rows<'a>(
     let mut moved: HashSet<String> = HashSet::with_capacity(moves.len());
     for ((from, to), ids) in groups {
         for ids in ids.chunks(chunk_rows) {
+            let shared = |k| Binds::shared(ids.len(), k);
             let sql = format!(
-                "UPDATE messages SET status = $1, updated_at = $2
-                 WHERE status = $3 AND message_id IN ({}) RETURNING message_id",
-                placeholders(ids.len(), 4)
+                "UPDATE messages SET status = {}, updated_at = {}
+                 WHERE status = {} AND message_id IN ({}) RETURNING message_id",
+                shared(1),
+                shared(2),
+                shared(3),
+                binds.list(ids.len())
             );
-            let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-                .persistent(ids.len() == chunk_rows)
-                .bind(to)
-                .bind(now)
-                .bind(from);
+            let mut query =
+                sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).persistent(ids.len() == chunk_rows);
             for id in ids {
                 query = query.bind(*id);
             }
-            moved.extend(query.fetch_all(&mut *tx).await?);
+            moved.extend(query.bind(to).bind(now).bind(from).fetch_all(&mut *tx).await?);
         }
     }
     let mut done: Vec<Move> = moves.into_iter().filter(|m| moved.contains(m.id)).collect();
@@ -377,13 +380,14 @@ pub(super) async fn move_rows<'a>(
 
 /// One history row per move, in id order.
 pub(super) async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], now: i64) -> Result<()> {
-    let chunk_rows = chunk_rows(tx);
+    let (chunk_rows, binds) = (chunk_rows(tx), Binds::of(tx));
     for moved in moved.chunks(chunk_rows) {
+        let at = Binds::shared(moved.len() * 5, 1);
         let sql = format!(
             "INSERT INTO history (message_id, at, from_status, to_status, attempt, reason) VALUES {}",
-            tuples(moved.len(), 2, &[None, Some("$1"), None, None, None, None])
+            binds.tuples(moved.len(), &[None, Some(&at), None, None, None, None])
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(moved.len() == chunk_rows).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(moved.len() == chunk_rows);
         for m in moved {
             query = query
                 .bind(m.id)
@@ -392,7 +396,7 @@ pub(super) async fn append_history(tx: &mut AnyConnection, moved: &[Move<'_>], n
                 .bind(i64::from(m.attempt))
                 .bind(m.settled.reason(m.from));
         }
-        query.execute(&mut *tx).await?;
+        query.bind(now).execute(&mut *tx).await?;
     }
     Ok(())
 }

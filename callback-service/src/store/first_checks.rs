@@ -8,13 +8,12 @@ use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
 use super::{
-    MessageRow, RawMessage, Result, Status, Store,
+    Binds, MessageRow, RawMessage, Result, Status, Store,
     checks::advance,
     chunk_rows,
     confirms::{Move, Settled, append_history, move_rows, read_confirms},
-    expect_text, id_text, message_from, placeholders, select_messages,
+    expect_text, id_text, message_from, select_messages,
     settle::{Expected, confirmers},
-    tuples,
 };
 
 impl MessageRow {
@@ -68,9 +67,12 @@ async fn upsert(
     let chunk_rows = chunk_rows(tx);
     // `next_check_at` is now: the check is being handled. Whatever it decides writes its own;
     // if it never finishes (parked, say), the row is overdue and the sweeper republishes it.
+    // Per row: id, routing key, business key, expect, attempt twice, published_at; then shared:
+    // now, the producer.
+    let (now_p, producer_p) = (Binds::shared(checks.len() * 7, 1), Binds::shared(checks.len() * 7, 2));
     let columns = [
         None,
-        Some("$2"),
+        Some(producer_p.as_str()),
         None,
         None,
         None,
@@ -78,9 +80,9 @@ async fn upsert(
         None,
         None,
         None,
-        Some("$1"),
-        Some("$1"),
-        Some("$1"),
+        Some(now_p.as_str()),
+        Some(now_p.as_str()),
+        Some(now_p.as_str()),
     ];
     let sql = format!(
         "INSERT INTO messages (message_id, producer, routing_key, business_key, expect, status, attempt,
@@ -91,10 +93,9 @@ async fn upsert(
              business_key = excluded.business_key, expect = excluded.expect,
              published_at = excluded.published_at, next_check_at = excluded.next_check_at
          WHERE messages.producer = ''",
-        tuples(checks.len(), 3, &columns)
+        Binds::of(tx).tuples(checks.len(), &columns)
     );
-    let mut query =
-        sqlx::query(AssertSqlSafe(sql)).persistent(checks.len() == chunk_rows).bind(now).bind(producer);
+    let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(checks.len() == chunk_rows);
     for (id, check) in checks {
         query = query
             .bind(id.as_str())
@@ -105,13 +106,14 @@ async fn upsert(
             .bind(i64::from(check.attempt))
             .bind(check.published_at);
     }
-    query.execute(&mut *tx).await?;
+    query.bind(now).bind(producer).execute(&mut *tx).await?;
     Ok(())
 }
 
 async fn read(tx: &mut sqlx::AnyConnection, ids: &[&str]) -> Result<HashMap<String, MessageRow>> {
     let chunk_rows = chunk_rows(tx);
-    let sql = format!(concat!(select_messages!("WHERE message_id IN ("), "{})"), placeholders(ids.len(), 1));
+    let sql =
+        format!(concat!(select_messages!("WHERE message_id IN ("), "{})"), Binds::of(tx).list(ids.len()));
     let mut query = sqlx::query_as::<_, RawMessage>(AssertSqlSafe(sql)).persistent(ids.len() == chunk_rows);
     for id in ids {
         query = query.bind(*id);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::AssertSqlSafe;
 
-use super::{Result, Store, placeholders};
+use super::{Binds, Result, Store};
 
 /// Statuses retention deletes after `--retention`.
 const TERMINAL: &str = "('confirmed', 'void', 'rejected', 'failed')";
@@ -41,12 +41,14 @@ impl Store {
     /// `before_ms`, at most [`Store::chunk_rows`] per transaction, until none is left.
     async fn purge_batches(&self, statuses: &str, before_ms: i64) -> Result<u64> {
         let chunk_rows = self.chunk_rows();
-        let condition = format!("status IN {statuses} AND updated_at < $1");
+        let condition = |before: &str| format!("status IN {statuses} AND updated_at < {before}");
         // In the order of the index on (status, updated_at), which a batch then reads: only the
         // rows it deletes. Unordered, PostgreSQL takes a sequential scan (nearly every old row
         // qualifies), which walks again, every batch, the rows deleted before it.
-        let select =
-            format!("SELECT message_id FROM messages WHERE {condition} ORDER BY status, updated_at LIMIT $2");
+        let select = format!(
+            "SELECT message_id FROM messages WHERE {} ORDER BY status, updated_at LIMIT $2",
+            condition("$1")
+        );
         let mut purged = 0;
         loop {
             let started = Instant::now();
@@ -63,20 +65,21 @@ impl Store {
             // bare range SQLite's planner takes it for the way in and reads every old row, each
             // batch. A table of 1 M rows purged at 70 rows/s that way.
             let sql = format!(
-                "DELETE FROM messages WHERE message_id IN ({}) AND ({condition}) IS TRUE RETURNING message_id",
-                placeholders(ids.len(), 2)
+                "DELETE FROM messages WHERE message_id IN ({}) AND ({}) IS TRUE RETURNING message_id",
+                self.binds().list(ids.len()),
+                condition(&Binds::shared(ids.len(), 1))
             );
             // Full batches repeat their statements: prepared once, kept (the last one is not).
             let full = ids.len() == chunk_rows;
-            let mut query = sqlx::query_scalar(AssertSqlSafe(sql)).persistent(full).bind(before_ms);
+            let mut query = sqlx::query_scalar(AssertSqlSafe(sql)).persistent(full);
             for id in &ids {
                 query = query.bind(id.as_str());
             }
-            let deleted: Vec<String> = query.fetch_all(&mut *tx).await?;
+            let deleted: Vec<String> = query.bind(before_ms).fetch_all(&mut *tx).await?;
             // Gone with their message: nothing reads a confirm or a history line without it.
             for table in ["confirms", "history"].into_iter().filter(|_| !deleted.is_empty()) {
                 let sql =
-                    format!("DELETE FROM {table} WHERE message_id IN ({})", placeholders(deleted.len(), 1));
+                    format!("DELETE FROM {table} WHERE message_id IN ({})", self.binds().list(deleted.len()));
                 let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(full);
                 for id in &deleted {
                     query = query.bind(id.as_str());

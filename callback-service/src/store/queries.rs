@@ -249,7 +249,7 @@ impl Store {
         if message_ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let binds = super::placeholders(message_ids.len(), 1);
+        let binds = self.binds().list(message_ids.len());
         let sql = format!(
             "SELECT message_id, reason FROM history WHERE id IN
              (SELECT MAX(h.id) FROM history h JOIN messages m

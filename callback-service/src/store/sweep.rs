@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::{MessageRow, RawMessage, Result, Store, message_from, placeholders};
+use super::{Binds, MessageRow, RawMessage, Result, Store, message_from};
 
 /// The one value a claim's condition binds (`$2`).
 enum Bind<'a> {
@@ -76,15 +76,16 @@ impl Store {
         let chunk_rows = self.chunk_rows();
         for ids in message_ids.chunks(chunk_rows) {
             let sql = format!(
-                "UPDATE messages SET next_check_at = $1
+                "UPDATE messages SET next_check_at = {}
                  WHERE status IN ('pending', 'resent') AND message_id IN ({})",
-                placeholders(ids.len(), 2)
+                Binds::shared(ids.len(), 1),
+                self.binds().list(ids.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(next_check_at);
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
             for id in ids {
                 query = query.bind(*id);
             }
-            query.execute(&self.pool).await?;
+            query.bind(next_check_at).execute(&self.pool).await?;
             self.committed();
         }
         Ok(())

@@ -5,7 +5,7 @@
 use recheck::message::{Check, now_ms};
 use sqlx::AssertSqlSafe;
 
-use super::{Result, Store, expect_text, id_text, tuples};
+use super::{Binds, Result, Store, expect_text, id_text};
 
 impl Store {
     /// Records the released `checks` of `producer` as `unused`; an id with a row already (a
@@ -16,10 +16,11 @@ impl Store {
         let mut tx = self.begin().await?;
         let mut released = 0;
         for chunk in checks.chunks(chunk_rows) {
-            // $1 now, $2 the producer; per row: id, routing key, expect, published_at.
+            // Per row: id, routing key, expect, published_at; then shared: now, the producer.
+            let (now_p, producer_p) = (Binds::shared(chunk.len() * 4, 1), Binds::shared(chunk.len() * 4, 2));
             let columns = [
                 None,
-                Some("$2"),
+                Some(producer_p.as_str()),
                 None,
                 Some("''"),
                 None,
@@ -28,20 +29,17 @@ impl Store {
                 Some("0"),
                 None,
                 Some("0"),
-                Some("$1"),
-                Some("$1"),
+                Some(now_p.as_str()),
+                Some(now_p.as_str()),
             ];
             let sql = format!(
                 "INSERT INTO messages (message_id, producer, routing_key, business_key, expect, status,
                      attempt, scheduled_attempt, published_at, next_check_at, created_at, updated_at)
                  VALUES {}
                  ON CONFLICT (message_id) DO NOTHING",
-                tuples(chunk.len(), 3, &columns)
+                self.binds().tuples(chunk.len(), &columns)
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql))
-                .persistent(chunk.len() == chunk_rows)
-                .bind(now)
-                .bind(producer);
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(chunk.len() == chunk_rows);
             for check in chunk {
                 query = query
                     .bind(id_text(check.message_id))
@@ -49,7 +47,7 @@ impl Store {
                     .bind(expect_text(&check.expect))
                     .bind(check.published_at);
             }
-            released += query.execute(&mut *tx).await?.rows_affected();
+            released += query.bind(now).bind(producer).execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
         self.committed();

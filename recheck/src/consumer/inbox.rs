@@ -11,7 +11,7 @@ use sqlx::{AnyConnection, AnyPool, AssertSqlSafe};
 use uuid::Uuid;
 
 use crate::{
-    db::{placeholders, tuples},
+    db::Binds,
     error::Result,
     wire::message::{Outcome, now_ms},
 };
@@ -106,19 +106,19 @@ impl Inbox {
         let mut first = HashSet::with_capacity(copies.len());
         let now = now_ms();
         for chunk in copies.chunks(CHUNK) {
-            let rows = tuples(chunk.len(), 4, &[Some("$1"), None, Some("$2"), Some("$3"), None]);
+            let shared: Vec<String> = (1..=3).map(|k| Binds::shared(chunk.len() * 2, k)).collect();
+            let rows = Binds::of(tx)
+                .tuples(chunk.len(), &[Some(&shared[0]), None, Some(&shared[1]), Some(&shared[2]), None]);
             let sql = format!(
                 "INSERT INTO recheck_inbox (consumer, message_id, outcome, processed_at, seen) VALUES {rows}
                  ON CONFLICT (consumer, message_id) DO UPDATE SET seen = recheck_inbox.seen + excluded.seen
                  RETURNING message_id, seen"
             );
-            let mut query = sqlx::query_as(AssertSqlSafe(sql))
-                .bind(&self.consumer)
-                .bind(Outcome::Processed.as_str())
-                .bind(now);
+            let mut query = sqlx::query_as(AssertSqlSafe(sql));
             for (id, n) in chunk {
                 query = query.bind(id.to_string()).bind(*n);
             }
+            query = query.bind(&self.consumer).bind(Outcome::Processed.as_str()).bind(now);
             let claimed: Vec<(String, i64)> = query.fetch_all(&mut *tx).await?;
             let sent: HashMap<String, (Uuid, i64)> =
                 chunk.iter().map(|(id, n)| (id.to_string(), (*id, *n))).collect();
@@ -182,14 +182,16 @@ impl Inbox {
     ) -> Result<HashMap<Uuid, Prior>> {
         let mut found = HashMap::with_capacity(message_ids.len());
         for chunk in message_ids.chunks(CHUNK) {
-            let binds = placeholders(chunk.len(), 2);
+            let binds = Binds::of(tx).list(chunk.len());
+            let consumer = Binds::shared(chunk.len(), 1);
             let sql = format!(
-                "SELECT message_id, outcome, detail FROM recheck_inbox WHERE consumer = $1 AND message_id IN ({binds})"
+                "SELECT message_id, outcome, detail FROM recheck_inbox WHERE consumer = {consumer} AND message_id IN ({binds})"
             );
-            let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(&self.consumer);
+            let mut query = sqlx::query_as(AssertSqlSafe(sql));
             for id in chunk {
                 query = query.bind(id.to_string());
             }
+            query = query.bind(&self.consumer);
             let rows: Vec<(String, String, Option<String>)> = query.fetch_all(&mut *tx).await?;
             for (id, outcome, detail) in rows {
                 let Ok(id) = Uuid::parse_str(&id) else { continue };

@@ -117,13 +117,14 @@ async fn measure(
 
 /// `n` committed orders in upstream-demo's store (its own table), none ever published.
 async fn fill_orders(orders_db: &str, n: u64) -> Result<Vec<(Uuid, String)>> {
-    let (pool, _) = recheck::db::connect(orders_db).await?;
+    let (pool, backend) = recheck::db::connect(orders_db).await?;
     let ids: Vec<(Uuid, String)> = (0..n).map(|_| (Uuid::now_v7(), Uuid::now_v7().to_string())).collect();
     const ROWS: usize = 500;
     for chunk in ids.chunks(ROWS) {
         let sql = format!(
             "INSERT INTO orders (order_id, message_id, customer, amount_cents, payload, created_at) VALUES {}",
-            recheck::db::tuples(chunk.len(), 1, &[None, None, Some("'bench'"), Some("100"), None, None])
+            recheck::db::Binds::new(backend)
+                .tuples(chunk.len(), &[None, None, Some("'bench'"), Some("100"), None, None])
         );
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for (message_id, order_id) in chunk {

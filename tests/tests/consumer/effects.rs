@@ -16,7 +16,7 @@ use lapin::types::AMQPValue;
 use recheck::{
     Applied, Effect, Incoming, Transient,
     consume::BatchReport,
-    db::tuples,
+    db::Binds,
     message::{HEADER_PARK_REASON, Outcome},
 };
 use sqlx::{AnyConnection, AssertSqlSafe};
@@ -119,7 +119,7 @@ struct Ledger {
 
 impl Ledger {
     async fn insert(tx: &mut AnyConnection, msgs: &[Incoming<'_>]) -> Result<Vec<Applied>, Transient> {
-        let rows = tuples(msgs.len(), 1, &[None, None]);
+        let rows = Binds::of(tx).tuples(msgs.len(), &[None, None]);
         let mut query =
             sqlx::query(AssertSqlSafe(format!("INSERT INTO ledger (message_id, amount) VALUES {rows}")));
         for msg in msgs {
