@@ -2,7 +2,11 @@
 //! measures around it — hook calls made while it lasted, `failed` rows when it ended, and how long
 //! the store took to settle every message prepared before it ended (the drain).
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -49,8 +53,8 @@ pub struct LongMeasures {
     pub hook_calls_in_outage: u64,
     /// `failed` rows in the callback store when the outage ended.
     pub failed_at_outage_end: u64,
-    /// From the end of the outage until no message prepared before it ended was still open
-    /// (`None`: not within the row's settle bound).
+    /// From the end of the outage until no order committed by then was still open (`None`: not
+    /// within the row's settle bound).
     pub drain_s: Option<f64>,
 }
 
@@ -69,21 +73,25 @@ pub(super) async fn failed_now(deployment: &Deployment) -> Result<u64> {
     Ok(n as u64)
 }
 
-/// Waits until no message prepared before `ended_ms` is open in the callback store; the time that
-/// took from `ended`, or `None` after `within`. Rows without their CHECK yet (`published_at` 0)
-/// are left out: under load there are always some, a confirm ahead of its CHECK.
+/// Waits until no order committed by `ended` is open in the callback store; the time that took
+/// from `ended`, or `None` after `within`. Reserved ids never used are left out: they are open
+/// too (until their check settles them `unused`), and a backlog defers their checks like any.
 pub(super) async fn drain(
     deployment: &Deployment,
     ended: Instant,
     ended_ms: i64,
     within: Duration,
 ) -> Result<Option<f64>> {
+    let (orders, _) = recheck::db::connect(&deployment.orders_db).await?;
+    let committed: HashSet<String> =
+        sqlx::query_scalar("SELECT message_id FROM orders").fetch_all(&orders).await?.into_iter().collect();
+    orders.close().await;
     let (store, _) = recheck::db::connect(&deployment.callback_db).await?;
-    let open = "SELECT COUNT(*) FROM messages WHERE status IN ('pending', 'resent') \
+    let open = "SELECT message_id FROM messages WHERE status IN ('pending', 'resent') \
                 AND published_at > 0 AND published_at <= $1";
     let drained = loop {
-        let (n,): (i64,) = sqlx::query_as(open).bind(ended_ms).fetch_one(&store).await?;
-        if n == 0 {
+        let ids: Vec<String> = sqlx::query_scalar(open).bind(ended_ms).fetch_all(&store).await?;
+        if !ids.iter().any(|id| committed.contains(id)) {
             break Some(ended.elapsed().as_secs_f64());
         }
         if ended.elapsed() > within {
