@@ -2,6 +2,13 @@
 //! holds a backlog is deferred, not resent — resending into a lagging consumer
 //! only doubles its backlog. Depths come from passive queue declares, cached
 //! briefly so a burst of due checks costs one broker round trip per queue.
+//!
+//! The deferral is bounded by `max_deferral`, counted from the later of two moments: when the
+//! message was prepared, and when its queue was last seen *stalled* (no consumer attached, or
+//! more ready messages than at the probe before). A resend into a queue nobody reads, or one
+//! that still grows, cannot be delivered sooner than the original and only doubles the backlog;
+//! the bound is there for a consumer that is draining but never quite catches up, where a
+//! message really lost would otherwise wait forever.
 
 use std::{
     collections::HashMap,
@@ -31,6 +38,25 @@ pub struct Backlog {
     depths: Mutex<HashMap<String, (Instant, u32)>>,
     /// When each queue was last seen over the threshold.
     last_behind: Mutex<HashMap<String, (Instant, u32)>>,
+    /// When each queue was last seen stalled: no consumer, or growing between two probes.
+    last_stalled: Mutex<HashMap<String, Instant>>,
+}
+
+/// A consumer's queue that is behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behind {
+    pub queue: String,
+    pub depth: u32,
+    /// How long since the queue was last seen stalled (`None`: not since this process started).
+    pub stalled_ago: Option<Duration>,
+}
+
+impl Behind {
+    /// Whether a check of a message prepared `age` ago still defers: within `max_deferral` of
+    /// its preparation or of the queue's last stall.
+    pub fn holds(&self, age: Duration, max_deferral: Duration) -> bool {
+        age < max_deferral || self.stalled_ago.is_some_and(|ago| ago < max_deferral)
+    }
 }
 
 impl Backlog {
@@ -42,21 +68,31 @@ impl Backlog {
             channel: Default::default(),
             depths: Default::default(),
             last_behind: Default::default(),
+            last_stalled: Default::default(),
         }
     }
 
-    /// The deepest backlog among the queues of `expect` (every configured
-    /// consumer when `None`), if any is over the threshold: `(queue, depth)`.
-    pub async fn behind(&self, expect: Option<&[String]>) -> Option<(String, u32)> {
+    /// The deepest backlog among the queues of `expect` (every configured consumer when
+    /// `None`) that is over the threshold and still [`Behind::holds`] a message prepared `age`
+    /// ago.
+    pub async fn behind(
+        &self,
+        expect: Option<&[String]>,
+        age: Duration,
+        max_deferral: Duration,
+    ) -> Option<Behind> {
         let queues: Vec<&String> = match expect {
             Some(consumers) => consumers.iter().filter_map(|c| self.queues.get(c)).collect(),
             None => self.queues.values().collect(),
         };
-        let mut worst: Option<(String, u32)> = None;
+        let mut worst: Option<Behind> = None;
         for queue in queues {
             let Some(depth) = self.behind_by(queue, self.depth(queue).await) else { continue };
-            if worst.as_ref().is_none_or(|(_, d)| depth > *d) {
-                worst = Some((queue.clone(), depth));
+            let stalled_ago =
+                self.last_stalled.lock().expect("last_stalled lock").get(queue).map(Instant::elapsed);
+            let behind = Behind { queue: queue.clone(), depth, stalled_ago };
+            if behind.holds(age, max_deferral) && worst.as_ref().is_none_or(|w| depth > w.depth) {
+                worst = Some(behind);
             }
         }
         worst
@@ -94,7 +130,10 @@ impl Backlog {
             Some(ch.queue_declare(queue.into(), passive, FieldTable::default()).await)
         };
         let depth = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-            Ok(Some(Ok(q))) => q.message_count(),
+            Ok(Some(Ok(q))) => {
+                self.note_stall(queue, q.message_count(), q.consumer_count());
+                q.message_count()
+            }
             Ok(Some(Err(e))) => {
                 // A missing queue closes the channel (404): reopen next time.
                 tracing::warn!(queue, error = %e, "cannot measure the consumer queue");
@@ -112,8 +151,48 @@ impl Backlog {
         depth
     }
 
+    /// Records a stall: a queue over the threshold with no consumer, or deeper than at its
+    /// previous probe (read before this probe's depth replaces it).
+    fn note_stall(&self, queue: &str, depth: u32, consumers: u32) {
+        if depth <= self.threshold {
+            return;
+        }
+        let previous = self.depths.lock().expect("depths lock").get(queue).map(|(_, d)| *d);
+        if consumers == 0 || previous.is_some_and(|p| depth > p) {
+            self.last_stalled.lock().expect("last_stalled lock").insert(queue.to_owned(), Instant::now());
+        }
+    }
+
     fn cached(&self, queue: &str) -> Option<u32> {
         let depths = self.depths.lock().expect("depths lock");
         depths.get(queue).filter(|(at, _)| at.elapsed() < FRESH).map(|(_, depth)| *depth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_secs(600);
+
+    fn behind(stalled_ago: Option<Duration>) -> Behind {
+        Behind { queue: "q".into(), depth: 1_000, stalled_ago }
+    }
+
+    #[test]
+    fn a_young_message_defers_whatever_the_queue_did() {
+        assert!(behind(None).holds(Duration::from_secs(599), MAX));
+        assert!(!behind(None).holds(MAX, MAX));
+    }
+
+    /// Past the bound counted from preparation, a queue that stalled within the bound (its
+    /// consumer down, or growing) still holds the check: a resend could not be read sooner.
+    #[test]
+    fn an_old_message_defers_only_while_its_queue_stalled_recently() {
+        let age = Duration::from_secs(900);
+        assert!(behind(Some(Duration::from_secs(1))).holds(age, MAX));
+        assert!(behind(Some(Duration::from_secs(599))).holds(age, MAX));
+        assert!(!behind(Some(MAX)).holds(age, MAX));
+        assert!(!behind(None).holds(age, MAX));
     }
 }

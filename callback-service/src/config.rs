@@ -156,7 +156,8 @@ pub struct Config {
     pub backlog_threshold: u32,
 
     /// Longest a check is deferred for a consumer backlog, counted from when the message was
-    /// prepared; after it, the check resends as usual.
+    /// prepared or, if later, from when the consumer's queue was last seen stalled (no consumer,
+    /// or more ready messages than at the probe before); after it, the check resends as usual.
     #[arg(long, env = "RECHECK_MAX_DEFERRAL", default_value = "10m", value_parser = parse_duration)]
     pub max_deferral: Duration,
 

@@ -7,17 +7,20 @@
 //! on one consumer's side (a lost message or confirm, a kill) hits that consumer only, so a
 //! message one consumer confirmed must still be resent until the other did.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::time::{Instant, sleep};
+use tokio::time::Instant;
 
 mod inject;
+pub mod long;
+mod mixed;
 
 use inject::{Proxies, inject};
+pub use long::LongMeasures;
+pub use mixed::run_mixed;
 
 use crate::{
     Rabbit, RabbitCluster,
@@ -101,6 +104,13 @@ pub struct Scenario {
     pub dir: PathBuf,
     /// The longest wait for every message to settle after the load.
     pub settle_within: Duration,
+    /// Delay tiers of every service (`None`: the deployment's short test tiers).
+    pub tiers: Option<String>,
+    /// Extra environment of the callback service(s), e.g. `RECHECK_MAX_DEFERRAL`.
+    pub callback_env: Vec<(String, String)>,
+    /// A long row ([`long`]): also measures hook calls during the outage, `failed` at its end and
+    /// the drain after it.
+    pub long: bool,
 }
 
 impl Scenario {
@@ -130,6 +140,9 @@ impl Scenario {
             deferral: true,
             dir: dir.into(),
             settle_within: Duration::from_secs(300),
+            tiers: None,
+            callback_env: Vec::new(),
+            long: false,
         }
     }
 
@@ -155,6 +168,10 @@ pub struct Outcome {
     /// Messages in the parking queue at the end (the rows inject no malformed message).
     pub parked: u32,
     pub elapsed_s: f64,
+    /// Peak RSS of each process over all its incarnations, in bytes.
+    pub peak_rss_bytes: BTreeMap<String, u64>,
+    /// A long row's measures around its outage.
+    pub long: Option<LongMeasures>,
 }
 
 impl Outcome {
@@ -235,7 +252,14 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     };
     let mut opts = DeployOptions::new(&scenario.dir, all_nodes.unwrap_or_else(|| vhost_url.clone()));
     opts.deferral = scenario.deferral;
+    if let Some(tiers) = &scenario.tiers {
+        opts.tiers = tiers.clone();
+    }
+    opts.callback_env.extend(scenario.callback_env.iter().cloned());
     let mut load = LoadOptions { rate: scenario.rate, ..LoadOptions::new(scenario.orders) };
+    if scenario.long {
+        load.wait = format!("{}s", scenario.settle_within.as_secs());
+    }
     let mut shipping = ConsumerFaults::default();
 
     // Proxies exist only for the rows that break the network.
@@ -294,14 +318,30 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
     tracing::info!(?fault, committed_at_fault, "injecting the fault");
     let proxies =
         Proxies { amqp: amqp_proxy.as_ref(), hook: hook_proxy.as_ref(), store: store_proxy.as_ref() };
+    let calls_before = if scenario.long { long::hook_calls(&deployment).await? } else { 0.0 };
+    let outage_started = Instant::now();
     inject(&mut deployment, broker, &proxies, fault, scenario.outage).await?;
     let recovered = Instant::now();
+    let recovered_ms = recheck::message::now_ms();
 
-    let load = crate::deploy::finish_load(running).await?;
+    let (load, long) = if scenario.long {
+        let mut measures = LongMeasures {
+            outage_s: (recovered - outage_started).as_secs_f64(),
+            hook_calls_in_outage: (long::hook_calls(&deployment).await? - calls_before) as u64,
+            failed_at_outage_end: long::failed_now(&deployment).await?,
+            drain_s: None,
+        };
+        let drain = long::drain(&deployment, recovered, recovered_ms, scenario.settle_within);
+        let (load, drain) = tokio::join!(crate::deploy::finish_load(running), drain);
+        measures.drain_s = drain?;
+        (load?, Some(measures))
+    } else {
+        (crate::deploy::finish_load(running).await?, None)
+    };
     let verdict = deployment.wait_settled(scenario.settle_within).await?;
     let reconcile_s = recovered.elapsed().as_secs_f64();
     let parked = deployment.parked().await?;
-    deployment.stop().await?;
+    let usage = deployment.stop().await?;
     drop((amqp_proxy, hook_proxy, store_proxy));
     Ok(Outcome {
         fault,
@@ -313,74 +353,7 @@ pub async fn run(broker: &Broker<'_>, bin_dir: &std::path::Path, scenario: &Scen
         reconcile_s,
         parked,
         elapsed_s: started.elapsed().as_secs_f64(),
-    })
-}
-
-/// A long run with background faults on and the disruptive ones fired at random moments.
-pub async fn run_mixed(
-    broker: &Broker<'_>,
-    bin_dir: &std::path::Path,
-    scenario: &Scenario,
-    seed: u64,
-) -> Result<Outcome> {
-    let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let vhost = broker.rabbit.fresh_vhost().await?;
-    let proxy = FaultProxy::start_for(&vhost.url)?;
-    let mut opts = DeployOptions::new(&scenario.dir, proxy.url_for(&vhost.url));
-    // Failures and rejections on both (rejections by message id, so both reject the same orders).
-    let both = ConsumerFaults { fail_rate: 0.02, reject_rate: 0.01, ..ConsumerFaults::default() };
-    opts.consumers =
-        consumers(ConsumerFaults { drop_confirm_rate: 0.02, drop_message_rate: 0.01, ..both.clone() });
-    opts.consumers[0].faults = both;
-    let load = LoadOptions {
-        rate: scenario.rate,
-        skip_publish_rate: 0.02,
-        abort_after_check_rate: 0.02,
-        ..LoadOptions::new(scenario.orders)
-    };
-    let mut deployment = Deployment::start(bin_dir, &opts).await?;
-    let running = deployment.spawn_load(&load)?;
-    let duration = Duration::from_secs_f64(scenario.orders as f64 / scenario.rate.max(1) as f64);
-    let disruptive = [
-        Fault::ConsumerKilled,
-        Fault::CallbackKilled,
-        Fault::BrokerRestart,
-        Fault::MemoryAlarm,
-        Fault::ConnectionsCut,
-    ];
-    let mut at = Duration::ZERO;
-    let mut fired = 0;
-    loop {
-        at += Duration::from_secs_f64(rng.random_range(0.1..0.25) * duration.as_secs_f64());
-        if at >= duration {
-            break;
-        }
-        sleep(at.saturating_sub(started.elapsed())).await;
-        let fault = disruptive[rng.random_range(0..disruptive.len())];
-        let outage = Duration::from_millis(rng.random_range(1_000..5_000));
-        tracing::info!(?fault, ?outage, "chaos: injecting");
-        eprintln!("chaos: {:>6.1}s {fault:?} for {outage:?}", started.elapsed().as_secs_f64());
-        let proxies = Proxies { amqp: Some(&proxy), hook: None, store: None };
-        inject(&mut deployment, broker, &proxies, fault, outage).await?;
-        fired += 1;
-    }
-    let recovered = Instant::now();
-    let load = crate::deploy::finish_load(running).await?;
-    let verdict = deployment.wait_settled(scenario.settle_within).await?;
-    let reconcile_s = recovered.elapsed().as_secs_f64();
-    let parked = deployment.parked().await?;
-    deployment.stop().await?;
-    tracing::info!(fired, "chaos run done");
-    Ok(Outcome {
-        fault: Fault::Mixed,
-        orders: scenario.orders,
-        deferral: true,
-        verdict,
-        load,
-        committed_at_fault: 0,
-        reconcile_s,
-        parked,
-        elapsed_s: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: long::peak_rss(&usage),
+        long,
     })
 }

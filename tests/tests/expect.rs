@@ -20,6 +20,11 @@ use uuid::Uuid;
 use common::wait_for;
 
 const SOON: Duration = Duration::from_secs(30);
+/// Messages of the concurrent-confirms test: enough CONFIRM batches that both instances ingest
+/// for seconds, side by side.
+const MANY: usize = 3_000;
+/// Ids per CONFIRM batch there.
+const PER_BATCH: usize = 100;
 
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -256,5 +261,73 @@ async fn without_expect_one_confirm_before_the_check_suffices(url: &str, instanc
     env.wait_status(id, Status::Confirmed, SOON).await;
     assert_eq!(env.hook.total_calls(), 0);
     assert_eq!(last_reason(&env, id).await, "confirmed by a at its check (the confirms came first)");
+    env.shutdown().await;
+}
+
+/// Two consumers confirm thousands of messages at once, one instance ingesting each consumer's
+/// confirms (the CONFIRMs alternate a, b, a, b…, which the queue hands out in turn), after every
+/// CHECK was taken and its next check put an hour away. Each message is confirmed by whichever
+/// transaction commits second: it waits for the first one's row lock, then reads both confirms.
+/// Without the lock (`insert_or_lock` as `ON CONFLICT DO NOTHING`) each transaction reads only its
+/// own confirm, decides "b missing" / "a missing", and the message waits for its next check and a
+/// resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_confirms_of_two_consumers_at_once_settle_without_a_resend() {
+    let db = recheck_tests::kit().await.postgres.fresh_database().await.unwrap();
+    let env = env(&db.url, 2).await;
+    let ids: Vec<Uuid> = (0..MANY).map(|_| committed(&env)).collect();
+    let checks: Vec<Check> = ids.iter().map(|id| recheck_tests::first_check(*id, &["a", "b"])).collect();
+    // What a CHECK delivery records when none of its confirms came first, then what a deferral
+    // writes: the row expects a and b, pending, its next check an hour away.
+    let refs: Vec<&Check> = checks.iter().collect();
+    env.store.record_first_checks("orders", &refs).await.unwrap();
+    let texts: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    env.store.reschedule(&text_refs, now_ms() + 3_600_000).await.unwrap();
+
+    let batch = |consumer: &str, ids: &[Uuid]| {
+        let confirms = ids
+            .iter()
+            .map(|id| Confirm {
+                message_id: *id,
+                outcome: Outcome::Processed,
+                detail: None,
+                processed_at: now_ms(),
+            })
+            .collect();
+        ConfirmBatch::new(consumer, confirms)
+    };
+    let batches: Vec<ConfirmBatch> =
+        ids.chunks(PER_BATCH).flat_map(|chunk| [batch("a", chunk), batch("b", chunk)]).collect();
+    futures_util::future::join_all(batches.iter().map(|b| publish_confirms(&env, b))).await;
+
+    let (store, _) = recheck::db::connect(&db.url).await.unwrap();
+    let count = |sql: &'static str| {
+        let store = store.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&store).await.unwrap() as usize }
+    };
+    // Each ingest commits its confirms and the moves they make together: once every confirm is
+    // stored, every message they settle is settled.
+    let stored = wait_for("every confirm stored", Duration::from_secs(120), || async {
+        let n = count("SELECT COUNT(*) FROM confirms").await;
+        (n == 2 * MANY).then_some(n)
+    })
+    .await;
+    let confirmed = count("SELECT COUNT(*) FROM messages WHERE status = 'confirmed'").await;
+    assert_eq!(
+        confirmed,
+        MANY,
+        "{} of {MANY} left for their next check ({stored} confirms)",
+        MANY - confirmed
+    );
+    assert_eq!(env.hook.total_calls(), 0, "a message was resent");
+    // Both instances ingested, so their transactions could meet.
+    for addr in &env.ops_addrs {
+        let (_, text) = recheck_tests::metrics::get(*addr, "/metrics").await.unwrap();
+        let metrics = recheck_tests::metrics::Metrics::parse(text).unwrap();
+        let ingested = metrics.sum(recheck::telemetry::CONFIRMS, &[]);
+        assert!(ingested > 0.0, "the instance at {addr} ingested no confirm");
+    }
+    store.close().await;
     env.shutdown().await;
 }

@@ -66,20 +66,19 @@ impl Reconciler {
         Ok(Step::Call(Call { check, row, span }))
     }
 
-    /// Defers a check whose consumer is behind, for at most `max_deferral`
-    /// after the message was prepared.
+    /// Defers a check whose consumer is behind, for at most `max_deferral` after the message was
+    /// prepared or after its queue was last seen stalled (no consumer, or growing): see
+    /// `backlog.rs`.
     pub(super) async fn defer(&self, check: &Check) -> Option<Plan> {
         let backlog = self.backlog.as_ref()?;
-        if now_ms() - check.published_at >= millis(self.policy.max_deferral) {
-            return None;
-        }
-        let (queue, depth) = backlog.behind(check.expect.as_deref()).await?;
+        let age = Duration::from_millis(u64::try_from(now_ms() - check.published_at).unwrap_or(0));
+        let behind = backlog.behind(check.expect.as_deref(), age, self.policy.max_deferral).await?;
+        let (queue, depth) = (behind.queue, behind.depth);
         self.counters.deferred.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::CHECKS_DEFERRED, "reason" => "backlog").increment(1);
         tracing::debug!(message_id = %check.message_id, %queue, depth, "consumer behind; check deferred");
         // Back off with the message's age (no state to keep): a long backlog is
         // looked at less and less often, within the deferral bound.
-        let age = Duration::from_millis(u64::try_from(now_ms() - check.published_at).unwrap_or(0));
         let delay = self.topology.tier_for(age).max(self.backoff(check.attempt + 1));
         Some(Plan::Defer { check: check.clone(), delay })
     }

@@ -3,11 +3,16 @@
 //! moments, each on a private RabbitMQ node (and PostgreSQL for the two-instance row). Prints one
 //! table (fault × orders × lost × duplicates absorbed × resends × time to reconcile) and writes
 //! every outcome to `<dir>/report.json`. Exits 1 if any row lost a message.
+//!
+//! `--long` runs the long rows instead (`faults::long`): the consumer and the producer's hook down
+//! for `--long-outage` (15 min), a cluster node for `--long-node-outage` (10 min), each under
+//! `--long-rate` orders/s, with a table of its own.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use recheck::topology::parse_duration;
 use recheck_tests::faults::{self, Broker, Fault, Outcome, Scenario};
 
 #[derive(Parser)]
@@ -28,10 +33,25 @@ struct Args {
     /// Where stores, logs and `report.json` go.
     #[arg(long, default_value = "target/chaos")]
     dir: PathBuf,
+    /// Run the long rows instead: consumer down, hook down, one cluster node down.
+    #[arg(long)]
+    long: bool,
+    /// How long the consumer and the hook are down in the long rows.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    long_outage: Duration,
+    /// How long the cluster node is down in the long rows.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    long_node_outage: Duration,
+    /// Orders per second of the long rows' steady load.
+    #[arg(long, default_value_t = 200)]
+    long_rate: u64,
 }
 
 /// The rows: the matrix, then the storm with the deferral off, then the mixed run.
 fn plan(args: &Args) -> Vec<Scenario> {
+    if args.long {
+        return faults::long::scenarios(args.long_outage, args.long_node_outage, args.long_rate, &args.dir);
+    }
     let mut plan = Vec::new();
     for &fault in Scenario::all() {
         if !args.only.is_empty() && !args.only.contains(&fault) {
@@ -87,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             let outcome = faults::run(&broker, &bin_dir, &scenario)
                 .await
                 .with_context(|| format!("row {:?}", scenario.fault))?;
-            eprintln!("{}", row(&outcome));
+            eprintln!("{}", if args.long { long_row(&outcome) } else { row(&outcome) });
             outcomes.push(outcome);
         }
         anyhow::Ok(outcomes)
@@ -104,12 +124,14 @@ async fn main() -> anyhow::Result<()> {
     let outcomes = outcomes?;
 
     std::fs::write(args.dir.join("report.json"), serde_json::to_string_pretty(&outcomes)?)?;
-    println!(
-        "| fault | deferral | orders | committed | lost | pending | duplicates absorbed | resent messages (share) | resends | failed | resends repeated | time to reconcile |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for outcome in &outcomes {
-        println!("{}", row(outcome));
+    if args.long {
+        println!(
+            "| row | outage | orders | committed | lost | resent messages (share) | resends | duplicates absorbed | failed (outage end / end) | hook calls during outage | drain after outage | peak RSS |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        outcomes.iter().for_each(|o| println!("{}", long_row(o)));
+    } else {
+        table(&outcomes);
     }
     let total: u64 = outcomes.iter().map(|o| o.orders).sum();
     println!(
@@ -121,6 +143,16 @@ async fn main() -> anyhow::Result<()> {
         outcomes.iter().filter_map(|o| o.check().err()).map(|e| format!("{e:#}")).collect();
     anyhow::ensure!(failures.is_empty(), "rows failed:\n{}", failures.join("\n"));
     Ok(())
+}
+
+fn table(outcomes: &[Outcome]) {
+    println!(
+        "| fault | deferral | orders | committed | lost | pending | duplicates absorbed | resent messages (share) | resends | failed | resends repeated | time to reconcile |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for outcome in outcomes {
+        println!("{}", row(outcome));
+    }
 }
 
 fn row(o: &Outcome) -> String {
@@ -140,5 +172,30 @@ fn row(o: &Outcome) -> String {
         v.failed,
         v.repeated_resends,
         o.reconcile_s
+    )
+}
+
+/// A long row: the outage's own measures, and each process's peak RSS in MiB.
+fn long_row(o: &Outcome) -> String {
+    let v = &o.verdict;
+    let m = o.long.clone().unwrap_or_default();
+    let rss: Vec<String> =
+        o.peak_rss_bytes.iter().map(|(name, bytes)| format!("{name} {} MiB", bytes >> 20)).collect();
+    let drain = m.drain_s.map_or("not drained".to_owned(), |s| format!("{s:.0} s"));
+    format!(
+        "| {:?} | {:.0} s | {} | {} | {} | {} ({:.2} %) | {} | {} | {} / {} | {} | {drain} | {} |",
+        o.fault,
+        m.outage_s,
+        o.orders,
+        v.committed,
+        v.lost,
+        v.resent_messages,
+        o.resent_share() * 100.0,
+        v.resends,
+        v.duplicates_absorbed,
+        m.failed_at_outage_end,
+        v.failed,
+        m.hook_calls_in_outage,
+        rss.join(", ")
     )
 }
