@@ -399,9 +399,10 @@ async fn a_lagging_consumer_defers_checks_instead_of_resending(url: &str) {
     }
     assert_eq!(env.hook.total_calls(), 0);
 
-    // The deferral is bounded: past it, an unconfirmed message is resent despite the backlog.
+    // Past the max deferral a queue nobody reads still defers (a resend would only join the
+    // backlog); once its consumer drains it, the message that never arrived is resent.
     env.shutdown().await;
-    let env = Env::start(url, |c| {
+    let mut env = Env::start(url, |c| {
         c.consumer_queues = vec![("points".into(), "points.orders".into())];
         c.backlog_threshold = 0;
         c.max_deferral = Duration::from_secs(3);
@@ -411,7 +412,16 @@ async fn a_lagging_consumer_defers_checks_instead_of_resending(url: &str) {
     for i in 0..3 {
         env.order(&format!("o-queued-{i}"), true).await;
     }
-    wait_for("a resend after the deferral", SOON, || async {
+    // Deferred again after the bound: a deferral waits at most a tier (3 s), so a due time 6 s
+    // past the preparation was decided more than 3 s after it.
+    let row = wait_for("a deferral past the max deferral", SOON, || async {
+        env.row(lost).await.filter(|r| r.next_check_at > r.published_at + 6_000)
+    })
+    .await;
+    assert_eq!(row.resend_count, 0, "resent into a queue nobody reads");
+    assert!(env.hook.calls_for(lost).is_empty());
+    env.start_consumer().await;
+    wait_for("a resend once the queue is read", SOON, || async {
         env.row(lost).await.filter(|r| r.resend_count >= 1)
     })
     .await;
