@@ -198,6 +198,17 @@ pub fn init_tracing() {
     });
 }
 
+/// A `processed` confirm of `id`, now: what a consumer sends for a message it applied. The suites'
+/// and the bench's one way to write a CONFIRM by hand.
+pub fn processed(id: uuid::Uuid) -> recheck::message::Confirm {
+    recheck::message::Confirm {
+        message_id: id,
+        outcome: recheck::message::Outcome::Processed,
+        detail: None,
+        processed_at: recheck::message::now_ms(),
+    }
+}
+
 /// A first check (attempt 0, prepared now) of `order.created` for `id`, as a producer sends it;
 /// `expect` empty = any one confirm. The suites' one way to write a CHECK by hand.
 pub fn first_check(id: uuid::Uuid, expect: &[&str]) -> recheck::message::Check {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use callback_service::store::Status;
 use harness::{Env, Mode};
 use lapin::types::AMQPValue;
-use recheck::message::{Check, CheckBatch, Confirm, ConfirmBatch, HEADER_PARK_REASON, Outcome, now_ms};
+use recheck::message::{Check, CheckBatch, ConfirmBatch, HEADER_PARK_REASON, now_ms};
 use recheck_proto::v1 as pb;
 use uuid::Uuid;
 
@@ -295,18 +295,8 @@ async fn thousands_of_confirms_take_few_transactions(url: &str) {
     let before = env.store.transactions();
     let ids: Vec<Uuid> = (0..3000).map(|_| Uuid::now_v7()).collect();
     for chunk in ids.chunks(100) {
-        let batch = ConfirmBatch::new(
-            "points",
-            chunk
-                .iter()
-                .map(|id| Confirm {
-                    message_id: *id,
-                    outcome: Outcome::Processed,
-                    detail: None,
-                    processed_at: now_ms(),
-                })
-                .collect(),
-        );
+        let batch =
+            ConfirmBatch::new("points", chunk.iter().copied().map(recheck_tests::processed).collect());
         let body = serde_json::to_vec(&batch).unwrap();
         env.publisher
             .publish(recheck::Outgoing {

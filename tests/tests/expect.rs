@@ -286,16 +286,7 @@ async fn two_instances_confirms_of_two_consumers_at_once_settle_without_a_resend
     env.store.reschedule(&text_refs, now_ms() + 3_600_000).await.unwrap();
 
     let batch = |consumer: &str, ids: &[Uuid]| {
-        let confirms = ids
-            .iter()
-            .map(|id| Confirm {
-                message_id: *id,
-                outcome: Outcome::Processed,
-                detail: None,
-                processed_at: now_ms(),
-            })
-            .collect();
-        ConfirmBatch::new(consumer, confirms)
+        ConfirmBatch::new(consumer, ids.iter().copied().map(recheck_tests::processed).collect())
     };
     let batches: Vec<ConfirmBatch> =
         ids.chunks(PER_BATCH).flat_map(|chunk| [batch("a", chunk), batch("b", chunk)]).collect();

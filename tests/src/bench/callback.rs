@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use lapin::BasicProperties;
 use recheck::{
     Publisher, Topology,
-    message::{CONTENT_TYPE_JSON, Check, CheckBatch, Confirm, ConfirmBatch, Outcome, now_ms},
+    message::{CONTENT_TYPE_JSON, Check, CheckBatch, ConfirmBatch, now_ms},
     topology::parse_tiers,
 };
 use tokio::time::Instant;
@@ -96,15 +96,7 @@ impl Stage {
         let bodies = ids
             .chunks(per_message)
             .map(|chunk| {
-                let confirms = chunk
-                    .iter()
-                    .map(|id| Confirm {
-                        message_id: *id,
-                        outcome: Outcome::Processed,
-                        detail: None,
-                        processed_at: now_ms(),
-                    })
-                    .collect();
+                let confirms = chunk.iter().copied().map(crate::processed).collect();
                 serde_json::to_vec(&ConfirmBatch::new("points", confirms))
             })
             .collect::<Result<Vec<_>, _>>()?;
